@@ -1,0 +1,69 @@
+"""Actor and critic networks, and the per-agent parameter stacking convention.
+
+Per-agent parameters are *stacked*: every leaf of ``actor_params`` / ``critic_params``
+has a leading axis of size N (one slice per agent), built with ``jax.vmap(init)`` and
+applied with ``jax.vmap(apply)``. Agents stay fully decentralised (no shared weights)
+while the whole team runs as one batched computation.
+
+Conventions shared by training, attacks and forensics:
+  * ``actor_apply(params_i, obs_i [O]) -> out_i [A]``: logits for discrete actions,
+    the action in [low, high] for continuous actions (sigmoid-squashed mean).
+  * ``critic_apply(params_j, obs [N, O], act [N, A]) -> Q_j`` (scalar): agent j's
+    centralised critic over every agent's observation and action. Discrete actions are
+    fed as probability vectors / one-hots so that ∂Q_j/∂a_i is defined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+    """ReLU MLP with a linear head of ``out_dim`` units."""
+
+    hidden: Sequence[int]
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.out_dim)(x)
+
+
+class Actor(nn.Module):
+    """Decentralised actor: own observation → logits (discrete) or action (continuous)."""
+
+    hidden: Sequence[int]
+    action_dim: int
+    discrete: bool
+    action_low: float = 0.0
+    action_high: float = 1.0
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> jax.Array:
+        out = MLP(self.hidden, self.action_dim)(obs)
+        if self.discrete:
+            return out
+        return self.action_low + (self.action_high - self.action_low) * nn.sigmoid(out)
+
+
+class Critic(nn.Module):
+    """Centralised critic Q_j(o_1..o_N, a_1..a_N) → scalar."""
+
+    hidden: Sequence[int]
+
+    @nn.compact
+    def __call__(self, obs: jax.Array, act: jax.Array) -> jax.Array:
+        x = jnp.concatenate([obs.reshape(-1), act.reshape(-1)])
+        return MLP(self.hidden, 1)(x)[0]
+
+
+def init_stacked(module: nn.Module, key: jax.Array, num_agents: int, *example) -> dict:
+    """Independent parameters for each of ``num_agents`` agents, stacked on axis 0."""
+    keys = jax.random.split(key, num_agents)
+    return jax.vmap(lambda k: module.init(k, *example))(keys)
