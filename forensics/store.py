@@ -354,7 +354,8 @@ def checkpoint_identity(path: str | os.PathLike) -> dict[str, str]:
         raise StoreError(f"checkpoint {root}: empty directory")
     h = hashlib.sha256()
     for f in files:
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" if root.is_dir() else b"")
+        if root.is_dir():  # names count too: moving a file inside a checkpoint changes it
+            h.update(f.relative_to(root).as_posix().encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -365,16 +366,22 @@ def current_code_version() -> str:
     """The git commit of this checkout (``+dirty`` with uncommitted changes), else the package
     version."""
     root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():  # an installed copy: a parent repo would be the wrong one
+        return _package_version()
     git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True,
                                     text=True, check=True, timeout=30).stdout.strip()
     try:
         dirty = git("status", "--porcelain", "--untracked-files=no")
         return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        try:
-            return "marl-forensics " + importlib.metadata.version("marl-forensics")
-        except importlib.metadata.PackageNotFoundError:
-            return "unknown"
+        return _package_version()
+
+
+def _package_version() -> str:
+    try:
+        return "marl-forensics " + importlib.metadata.version("marl-forensics")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _now() -> str:
@@ -680,8 +687,9 @@ class EpisodeStore:
     def _select(self, fields: Iterable[str] | None) -> list[Column]:
         if fields is None:
             return list(self.meta.columns)
-        if isinstance(fields, str):
-            fields = [fields]
+        fields = [fields] if isinstance(fields, str) else list(fields)
+        if not fields:
+            raise StoreError("fields: expected at least one field name (or None for all)")
         bad = [f for f in fields if f not in self._columns]
         if bad:
             raise StoreError(f"fields: {bad[0]!r} is not in store {self.path}; "
