@@ -1,0 +1,418 @@
+"""MADDPG (Lowe et al., 2017) in JAX: decentralised actors, centralised critics.
+
+Agent i acts from its own observation, a_i = μ_i(o_i); agent j's critic scores the joint
+observation and joint action, Q_j(o_1..o_N, a_1..a_N). Per-agent parameters are stacked
+on axis 0 (see ``agents.networks``) and every agent is updated by one batched computation.
+
+For a replay batch {(o, a, r, o', d)} (d = 1 only on a true termination; Simple Spread
+episodes end by time limit only, so its targets always bootstrap):
+  critic j:  y_j = r_j + γ (1 − d) Q̄_j(o', ā'),  ā'_i = μ̄_i(o'_i)      (bars: target nets)
+             L_j = E[(Q_j(o, a) − y_j)²]
+  actor i:   L_i = −E[Q_i(o, a_1..â_i..a_N)] (+ λ E[ℓ_i²] for discrete logits ℓ_i),
+             â_i = μ_i(o_i) with the other agents' actions taken from the buffer
+  targets:   θ̄ ← τ θ + (1 − τ) θ̄                                          (Polyak)
+Each agent has its own Adam state and its own gradient-norm clip (``jax.vmap`` over the
+agent axis), so agents never share a step size or a clipping scale.
+
+Discrete actions: the actor outputs logits ℓ_i, so π_i(a|o) = softmax(ℓ_i)_a and
+−log π_i(a|o) is defined for forensics. Exploration samples a ~ π_i (argmax of ℓ_i + Gumbel
+noise); the critic sees one-hot actions; target actions are the one-hot greedy choice; the
+actor update feeds the critic a straight-through Gumbel-softmax sample (hard one-hot
+forward, gradient of softmax((ℓ_i + g)/T) backward).
+Continuous actions: the actor is deterministic and sigmoid-squashed into the action box;
+exploration adds Gaussian noise of std ``exploration_noise``·(high − low), clipped to the box.
+
+One iteration collects ``num_envs`` whole episodes in parallel (vmap over envs, ``lax.scan``
+over steps) into the replay buffer, then runs ``updates_per_iteration`` gradient updates
+(``lax.scan``); ``train_chunk`` scans ``iterations_per_chunk`` iterations in one jitted call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from agents import replay
+from agents.networks import Actor, Critic, init_stacked
+from agents.trainer import Trainer
+from envs.base import EnvSpec, MultiAgentEnv
+
+Params = Any
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class MaddpgConfig:
+    """MADDPG hyper-parameters (``algo.*`` in the Hydra config)."""
+
+    actor_hidden: tuple[int, ...] = (64, 64)
+    critic_hidden: tuple[int, ...] = (64, 64)
+    lr_actor: float = 1e-2
+    lr_critic: float = 1e-2
+    gamma: float = 0.95
+    tau: float = 0.01
+    batch_size: int = 1024
+    buffer_size: int = 100_000  # transitions
+    num_envs: int = 64  # parallel episodes collected per iteration
+    updates_per_iteration: int = 16
+    iterations_per_chunk: int = 50
+    warmup: int = 5_000  # transitions in the buffer before the first gradient update
+    gumbel_temperature: float = 1.0  # discrete: softness of the straight-through relaxation
+    exploration_noise: float = 0.1  # continuous: Gaussian std as a fraction of the box width
+    grad_clip: float = 0.5  # per-agent global-norm clip of each gradient
+    logit_reg: float = 1e-3  # discrete: λ in the actor loss, keeps logits (and π) bounded
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> MaddpgConfig:
+        """Parse and validate ``algo_cfg``; errors name the field (``algo.<field>``)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - set(fields) - {"name"})
+        if unknown:
+            raise ValueError(
+                f"algo.{unknown[0]}: unknown MADDPG setting; expected one of {sorted(fields)}"
+            )
+        values = {}
+        for name, value in cfg.items():
+            if name == "name":
+                continue
+            default = getattr(cls, name)
+            values[name] = _coerce(name, value, default)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ``ValueError('algo.<field> must be ..., got ...')`` on the first bad value."""
+        checks = [
+            ("lr_actor", self.lr_actor > 0, "> 0"),
+            ("lr_critic", self.lr_critic > 0, "> 0"),
+            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
+            ("tau", 0 < self.tau <= 1, "in (0, 1]"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("buffer_size", self.buffer_size >= self.batch_size, ">= algo.batch_size"),
+            ("num_envs", self.num_envs >= 1, ">= 1"),
+            ("updates_per_iteration", self.updates_per_iteration >= 1, ">= 1"),
+            ("iterations_per_chunk", self.iterations_per_chunk >= 1, ">= 1"),
+            ("warmup", self.warmup >= 0, ">= 0"),
+            ("gumbel_temperature", self.gumbel_temperature > 0, "> 0"),
+            ("exploration_noise", self.exploration_noise >= 0, ">= 0"),
+            ("grad_clip", self.grad_clip > 0, "> 0"),
+            ("logit_reg", self.logit_reg >= 0, ">= 0"),
+            ("actor_hidden", all(w >= 1 for w in self.actor_hidden), "positive widths"),
+            ("critic_hidden", all(w >= 1 for w in self.critic_hidden), "positive widths"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"algo.{name} must be {expected}, got {getattr(self, name)!r}")
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Convert a config value to the type of the field's default, or raise naming it."""
+    try:
+        if isinstance(default, tuple):
+            if isinstance(value, str | bytes):
+                raise TypeError
+            out = tuple(value)  # list, tuple or an OmegaConf ListConfig
+            if not all(isinstance(w, int) and not isinstance(w, bool) for w in out):
+                raise TypeError
+            return out
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(default, int):
+            if not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+                raise TypeError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        kind = "a list of ints" if isinstance(default, tuple) else type(default).__name__
+        raise ValueError(f"algo.{name} must be {kind}, got {value!r}") from None
+
+
+# --------------------------------------------------------------------- networks & actions
+def build_networks(spec: EnvSpec, cfg: MaddpgConfig) -> tuple[Actor, Critic]:
+    """The actor and critic modules for ``spec`` (apply them with stacked params)."""
+    actor = Actor(
+        hidden=cfg.actor_hidden,
+        action_dim=spec.action_dim,
+        discrete=spec.discrete,
+        action_low=spec.action_low,
+        action_high=spec.action_high,
+    )
+    return actor, Critic(hidden=cfg.critic_hidden)
+
+
+def apply_actors(actor: Actor, actor_params: Params, obs: jax.Array) -> jax.Array:
+    """Every agent's actor on its own observation: obs [..., N, O] → out [..., N, A].
+
+    ``out`` is logits (discrete) or the action (continuous).
+    """
+    per_agent = jax.vmap(actor.apply, in_axes=(0, 0))(actor_params, jnp.moveaxis(obs, -2, 0))
+    return jnp.moveaxis(per_agent, 0, -2)
+
+
+def greedy_actions(actor: Actor, actor_params: Params, obs: jax.Array) -> jax.Array:
+    """Deterministic env actions from obs [N, O]: argmax logits → int32 [N] (discrete),
+    the actor output → float32 [N, A] (continuous)."""
+    out = apply_actors(actor, actor_params, obs)
+    if actor.discrete:
+        return jnp.argmax(out, axis=-1).astype(jnp.int32)
+    return out
+
+
+def encode_actions(spec: EnvSpec, actions: jax.Array) -> jax.Array:
+    """Env actions → the critic's action input [..., N, A]: one-hot for discrete indices,
+    unchanged for continuous actions."""
+    if spec.discrete:
+        return jax.nn.one_hot(actions, spec.action_dim, dtype=jnp.float32)
+    return actions
+
+
+def gumbel_softmax_st(key: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
+    """Straight-through Gumbel-softmax: forward = one-hot(argmax(ℓ + g)) (a sample of
+    softmax(ℓ)), backward = ∂ softmax((ℓ + g)/T)."""
+    soft = jax.nn.softmax((logits + jax.random.gumbel(key, logits.shape)) / temperature)
+    hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+    return soft + jax.lax.stop_gradient(hard - soft)
+
+
+def critic_values(critic: Critic, critic_params: Params, obs: jax.Array, act: jax.Array):
+    """Q_j(o^b, a^b) for every critic j and sample b: obs [B, N, O], act [B, N, A] → [B, N].
+
+    ``act`` may also be [N, B, N, A]: critic j then scores its own joint action ``act[j]``.
+    """
+    one = jax.vmap(critic.apply, in_axes=(None, 0, 0))  # one critic over the batch
+    act_axis = 0 if act.ndim == 4 else None
+    return jax.vmap(one, in_axes=(0, None, act_axis), out_axes=1)(critic_params, obs, act)
+
+
+# -------------------------------------------------------------------------- state
+class Transition(NamedTuple):
+    obs: jax.Array  # [N, O]
+    action: jax.Array  # [N, A], critic encoding
+    reward: jax.Array  # [N]
+    next_obs: jax.Array  # [N, O]
+    terminal: jax.Array  # [] 1.0 if the episode truly ended here (no bootstrap)
+    valid: jax.Array  # [] 0.0 for steps after the episode ended (collection runs T steps)
+
+
+class Learner(struct.PyTreeNode):
+    actor_params: Params
+    critic_params: Params
+    target_actor_params: Params
+    target_critic_params: Params
+    actor_opt_state: optax.OptState
+    critic_opt_state: optax.OptState
+
+
+class TrainState(struct.PyTreeNode):
+    learner: Learner
+    buffer: replay.ReplayBuffer
+    key: jax.Array  # raw uint32 key (checkpointable as a plain array)
+    iteration: jax.Array  # int32 [], iterations done
+    num_updates: jax.Array  # int32 [], gradient updates done
+
+
+# -------------------------------------------------------------------------- trainer
+def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
+    """MADDPG on ``env`` with hyper-parameters ``algo_cfg`` (see ``MaddpgConfig``)."""
+    cfg = algo_cfg if isinstance(algo_cfg, MaddpgConfig) else MaddpgConfig.from_mapping(algo_cfg)
+    spec = env.spec
+    n, T, E = spec.num_agents, spec.episode_length, cfg.num_envs
+    if cfg.buffer_size < E * T:
+        raise ValueError(
+            f"algo.buffer_size must be >= num_envs * episode_length = {E * T}, "
+            f"got {cfg.buffer_size}"
+        )
+    actor, critic = build_networks(spec, cfg)
+    actor_tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.lr_actor))
+    critic_tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.lr_critic))
+    ready_size = max(cfg.warmup, cfg.batch_size)
+    agent_mask = jnp.eye(n, dtype=bool)[:, None, :, None]  # [i, 1, N, 1]: agent i's own row
+
+    def init(key: jax.Array) -> TrainState:
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        key, k_actor, k_critic = jax.random.split(key, 3)
+        obs = jnp.zeros((n, spec.obs_dim), jnp.float32)
+        act = jnp.zeros((n, spec.action_dim), jnp.float32)
+        actor_params = init_stacked(actor, k_actor, n, obs[0])
+        critic_params = init_stacked(critic, k_critic, n, obs, act)
+        learner = Learner(
+            actor_params=actor_params,
+            critic_params=critic_params,
+            target_actor_params=actor_params,
+            target_critic_params=critic_params,
+            actor_opt_state=jax.vmap(actor_tx.init)(actor_params),
+            critic_opt_state=jax.vmap(critic_tx.init)(critic_params),
+        )
+        example = Transition(obs, act, jnp.zeros(n), obs, jnp.float32(0), jnp.float32(0))
+        return TrainState(
+            learner=learner,
+            buffer=replay.init(example, cfg.buffer_size),
+            key=key,
+            iteration=jnp.int32(0),
+            num_updates=jnp.int32(0),
+        )
+
+    def explore(actor_params: Params, obs: jax.Array, key: jax.Array):
+        """Exploratory env actions and their critic encoding for obs [E, N, O]."""
+        out = apply_actors(actor, actor_params, obs)
+        if spec.discrete:
+            actions = jax.random.categorical(key, out).astype(jnp.int32)
+        else:
+            width = spec.action_high - spec.action_low
+            noise = cfg.exploration_noise * width * jax.random.normal(key, out.shape)
+            actions = jnp.clip(out + noise, spec.action_low, spec.action_high)
+        return actions, encode_actions(spec, actions)
+
+    def collect(actor_params: Params, key: jax.Array):
+        """E whole episodes: transitions [T, E, ...] and per-agent returns [E, N]."""
+        k_reset, k_steps = jax.random.split(key)
+        obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, E))
+
+        def step(carry, inp):
+            obs, env_state, alive = carry
+            key, t = inp
+            k_act, k_env = jax.random.split(key)
+            actions, encoded = explore(actor_params, obs, k_act)
+            next_obs, env_state, reward, done, _ = jax.vmap(env.step)(
+                jax.random.split(k_env, E), env_state, actions
+            )
+            # A done on the last step is the time limit, not a terminal state.
+            terminal = (done & (t < T - 1)).astype(jnp.float32)
+            tr = Transition(obs, encoded, reward, next_obs, terminal, alive.astype(jnp.float32))
+            return (next_obs, env_state, alive & ~done), tr
+
+        alive = jnp.ones((E,), bool)
+        _, traj = jax.lax.scan(
+            step, (obs, env_state, alive), (jax.random.split(k_steps, T), jnp.arange(T))
+        )
+        returns = jnp.sum(traj.reward * traj.valid[..., None], axis=0)
+        return traj, returns
+
+    def update(learner: Learner, batch: Transition, key: jax.Array):
+        """One critic step, then one actor step against the updated critics, then Polyak."""
+        valid = batch.valid[:, None]
+        count = jnp.maximum(jnp.sum(batch.valid), 1.0)
+
+        next_out = apply_actors(actor, learner.target_actor_params, batch.next_obs)
+        if spec.discrete:
+            next_out = jax.nn.one_hot(jnp.argmax(next_out, -1), spec.action_dim)
+        q_next = critic_values(critic, learner.target_critic_params, batch.next_obs, next_out)
+        target = batch.reward + cfg.gamma * (1.0 - batch.terminal[:, None]) * q_next
+
+        def critic_loss(params):
+            q = critic_values(critic, params, batch.obs, batch.action)
+            return jnp.sum(valid * (q - target) ** 2) / count, q
+
+        (c_loss, q), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(
+            learner.critic_params
+        )
+        c_updates, critic_opt_state = jax.vmap(critic_tx.update)(
+            c_grads, learner.critic_opt_state, learner.critic_params
+        )
+        critic_params = optax.apply_updates(learner.critic_params, c_updates)
+
+        def actor_loss(params):
+            out = apply_actors(actor, params, batch.obs)  # [B, N, A]
+            if spec.discrete:
+                own = gumbel_softmax_st(key, out, cfg.gumbel_temperature)
+                reg = cfg.logit_reg * jnp.sum(jnp.mean(out**2, axis=(0, 2)))
+            else:
+                own, reg = out, 0.0
+            # Critic i sees agent i's fresh action and the buffer's actions for the others.
+            joint = jnp.where(agent_mask, own[None], batch.action[None])  # [N, B, N, A]
+            q_own = critic_values(critic, critic_params, batch.obs, joint)  # [B, N]
+            pg = -jnp.sum(valid * q_own) / count
+            return pg + reg, pg
+
+        (_, pg), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(learner.actor_params)
+        a_updates, actor_opt_state = jax.vmap(actor_tx.update)(
+            a_grads, learner.actor_opt_state, learner.actor_params
+        )
+        actor_params = optax.apply_updates(learner.actor_params, a_updates)
+
+        learner = Learner(
+            actor_params=actor_params,
+            critic_params=critic_params,
+            target_actor_params=optax.incremental_update(
+                actor_params, learner.target_actor_params, cfg.tau
+            ),
+            target_critic_params=optax.incremental_update(
+                critic_params, learner.target_critic_params, cfg.tau
+            ),
+            actor_opt_state=actor_opt_state,
+            critic_opt_state=critic_opt_state,
+        )
+        metrics = {
+            "critic_loss": c_loss / n,
+            "actor_loss": pg / n,
+            "q_mean": jnp.sum(valid * q) / (count * n),
+        }
+        return learner, metrics
+
+    def learn(learner: Learner, buffer: replay.ReplayBuffer, key: jax.Array):
+        """``updates_per_iteration`` updates on fresh uniform batches; mean metrics."""
+
+        def body(learner, key):
+            k_sample, k_update = jax.random.split(key)
+            batch = replay.sample(buffer, k_sample, cfg.batch_size)
+            return update(learner, batch, k_update)
+
+        learner, metrics = jax.lax.scan(
+            body, learner, jax.random.split(key, cfg.updates_per_iteration)
+        )
+        return learner, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    def iteration(state: TrainState, _):
+        key, k_collect, k_learn = jax.random.split(state.key, 3)
+        traj, returns = collect(state.learner.actor_params, k_collect)
+        flat = jax.tree_util.tree_map(lambda x: x.reshape(T * E, *x.shape[2:]), traj)
+        buffer = replay.add(state.buffer, flat)
+        ready = buffer.size >= ready_size
+
+        def skip(learner, buffer, key):
+            nan = jnp.float32(jnp.nan)
+            return learner, {"critic_loss": nan, "actor_loss": nan, "q_mean": nan}
+
+        learner, metrics = jax.lax.cond(ready, learn, skip, state.learner, buffer, k_learn)
+        metrics = {**metrics, "episode_return": jnp.mean(returns), "updated": ready}
+        new_state = TrainState(
+            learner=learner,
+            buffer=buffer,
+            key=key,
+            iteration=state.iteration + 1,
+            num_updates=state.num_updates + ready * cfg.updates_per_iteration,
+        )
+        return new_state, metrics
+
+    @jax.jit
+    def train_chunk(state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
+        """``iterations_per_chunk`` iterations. Metrics are chunk means: ``episode_return``
+        (per-agent return of the collected exploratory episodes) over all iterations, the
+        losses and ``q_mean`` over iterations that updated (NaN if none did)."""
+        state, per_iter = jax.lax.scan(iteration, state, None, length=cfg.iterations_per_chunk)
+        updated = per_iter.pop("updated")
+        weight = updated / jnp.sum(updated)  # NaN weights when no iteration updated
+        returns = per_iter.pop("episode_return")
+        metrics = {k: jnp.sum(jnp.where(updated, v, 0.0) * weight) for k, v in per_iter.items()}
+        metrics["episode_return"] = jnp.mean(returns)
+        metrics["env_steps"] = state.iteration * (E * T)
+        return state, metrics
+
+    def policy_params(state: TrainState) -> dict[str, Params]:
+        return {"actor": state.learner.actor_params, "critic": state.learner.critic_params}
+
+    return Trainer(
+        init=init,
+        train_chunk=train_chunk,
+        env_steps_per_chunk=cfg.iterations_per_chunk * E * T,
+        policy_params=policy_params,
+    )
