@@ -1,0 +1,191 @@
+"""Orbax checkpoints of a training run: save, resume, and load a policy for evaluation.
+
+A run directory holds ``checkpoints/<env_steps>/`` with three items:
+  * ``state``  — the algorithm's whole TrainState (params, optimiser states, replay
+    buffer, rng, counters), restored against ``jax.eval_shape(trainer.init, key)``;
+  * ``policy`` — ``trainer.policy_params(state)`` (stacked actor/critic params), so that
+    evaluation, attacks and forensics restore kilobytes instead of the replay buffer;
+  * ``meta``   — JSON: resolved config, env spec, algo, env steps, chunk, code version.
+
+Orbax writes each step into a temporary directory and renames it once every item is
+complete, so a process killed mid-save (``kill -9``) leaves the previous checkpoint
+intact and the half-written one invisible to ``latest_step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import subprocess
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+
+from configs.schema import ConfigError
+from envs import EnvSpec, MultiAgentEnv, make_env
+
+CHECKPOINT_DIR = "checkpoints"
+# Config sections a checkpoint is bound to: resuming or evaluating under a different value
+# of any of these would silently mix two experiments.
+BOUND_SECTIONS = ("env", "algo", "seed")
+
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of the source tree, else the installed version."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"marl-forensics {metadata.version('marl-forensics')}"
+
+
+def make_meta(
+    config: Mapping[str, Any], spec: EnvSpec, env_steps: int, chunk: int
+) -> dict[str, Any]:
+    """The JSON metadata stored with every checkpoint."""
+    return {
+        "config": dict(config),
+        "env_spec": dataclasses.asdict(spec),
+        "algo": config["algo"]["name"],
+        "env_steps": env_steps,
+        "chunk": chunk,
+        "code_version": code_version(),
+    }
+
+
+def manager(run_dir: str | Path, keep: int | None = None) -> ocp.CheckpointManager:
+    """The run's checkpoint manager.
+
+    A writer (``keep`` given) keeps the ``keep`` newest checkpoints and deletes
+    half-written ones left by a killed process when it opens; a reader (``keep=None``)
+    changes nothing, so evaluating while training runs is safe.
+    """
+    writer = keep is not None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=writer, cleanup_tmp_directories=writer
+    )
+    return ocp.CheckpointManager(Path(run_dir).resolve() / CHECKPOINT_DIR, options=options)
+
+
+def save(
+    mngr: ocp.CheckpointManager,
+    state: Any,
+    policy: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> None:
+    """Checkpoint at step ``meta['env_steps']`` (returns once the write is committed)."""
+    mngr.save(
+        meta["env_steps"],
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            policy=ocp.args.StandardSave(policy),
+            meta=ocp.args.JsonSave(dict(meta)),
+        ),
+    )
+    mngr.wait_until_finished()
+
+
+def latest_meta(mngr: ocp.CheckpointManager) -> dict[str, Any] | None:
+    """Metadata of the newest complete checkpoint, or None if there is none."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_state(mngr: ocp.CheckpointManager, abstract_state: Any) -> Any:
+    """The newest TrainState, with the structure/shapes/dtypes of ``abstract_state``."""
+    step = mngr.latest_step()
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
+    return restored["state"]
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}"))
+        return out
+    return {prefix: tree}
+
+
+def check_compatible(meta: Mapping[str, Any], config: Mapping[str, Any], where: str) -> None:
+    """Raise ``ConfigError`` naming the first env/algo/seed field that differs from ``meta``."""
+    for section in BOUND_SECTIONS:
+        saved = _flatten(meta["config"].get(section), section)
+        given = _flatten(config.get(section), section)
+        for field in sorted(saved.keys() | given.keys()):
+            if saved.get(field) != given.get(field):
+                raise ConfigError(
+                    f"{field}: the checkpoint in {where} was trained with "
+                    f"{field}={saved.get(field)!r}, but the config has {field}={given.get(field)!r}"
+                    " (use the original config, or another run_name/out_dir for a new run)"
+                )
+
+
+class Policy(NamedTuple):
+    """What evaluation, attacks and forensics need from a trained run."""
+
+    env: MultiAgentEnv
+    params: Mapping[str, Any]  # trainer.policy_params(state): stacked actor/critic params
+    config: dict[str, Any]  # the run's resolved config
+    env_steps: int
+    run_dir: Path
+
+
+def env_from_config(config: Mapping[str, Any]) -> MultiAgentEnv:
+    env = config["env"]
+    return make_env(env["name"], num_agents=env["num_agents"], continuous=env["continuous"])
+
+
+def load_policy(run_dir: str | Path, config: Mapping[str, Any] | None = None) -> Policy:
+    """Restore the newest checkpoint's policy params (not the train state) of a run.
+
+    If ``config`` is given, it must agree with the checkpoint on env, algo and seed.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_DIR).is_dir():
+        raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT_DIR}/ here; is this a run directory?")
+    mngr = manager(run_dir)
+    step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR}: no complete checkpoint")
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(meta=ocp.args.JsonRestore(), policy=ocp.args.StandardRestore()),
+    )
+    meta = restored["meta"]
+    if config is not None:
+        check_compatible(meta, config, str(run_dir))
+    env = env_from_config(meta["config"])
+    saved_spec = EnvSpec(**meta["env_spec"])
+    if env.spec != saved_spec:
+        raise ConfigError(
+            f"{run_dir}: env_spec: the checkpoint's {saved_spec} differs from what this code "
+            f"builds for the same config, {env.spec}"
+        )
+    return Policy(env, restored["policy"], meta["config"], meta["env_steps"], run_dir)
+
+
+def greedy_act_fn(policy: Policy) -> Callable[[jax.Array], jax.Array]:
+    """``obs [N, O] -> env actions`` of the policy's deterministic (greedy) actors."""
+    algo = policy.config["algo"]
+    if algo["name"] == "maddpg":
+        from agents import maddpg
+
+        actor, _ = maddpg.build_networks(policy.env.spec, maddpg.MaddpgConfig.from_mapping(algo))
+        return functools.partial(maddpg.greedy_actions, actor, policy.params["actor"])
+    raise ConfigError(f"algo.name: no greedy policy for algorithm {algo['name']!r}")

@@ -1,0 +1,40 @@
+"""``forensics``: the command-line entry point (console script ``cli.main:app``).
+
+Each subcommand lives in its own thin module under ``cli/`` exposing
+``register(app)``; adding one is adding its module name to ``SUBCOMMANDS``. Heavy imports
+(JAX, Orbax) happen inside the commands, so ``forensics --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+SUBCOMMANDS = ("train", "evaluate_policy")
+
+HELP = """Failure forensics for cooperative multi-agent RL.
+
+Train cooperative policies in JAX, inject faults or attacks into one agent, record
+episodes, and find who failed first, why a downstream agent was flagged, and how the
+failure spread. Configs are Hydra's (`configs/`); every stage reads what the previous one
+wrote to disk.
+
+Typical session:
+
+* `forensics train` (Simple Spread N=3, MADDPG, seed 0)
+* `forensics evaluate-policy runs/simple_spread_3-maddpg-seed0`
+
+Run `forensics COMMAND --help` for each command's options and examples.
+"""
+
+app = typer.Typer(
+    name="forensics",
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+
+for _name in SUBCOMMANDS:
+    importlib.import_module(f"cli.{_name}").register(app)

@@ -1,0 +1,72 @@
+"""``forensics train [OVERRIDES...] [-m]``: compose the Hydra config, validate, train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from omegaconf import DictConfig
+
+from cli.hydra_entry import run_hydra
+
+HELP = """Train (or resume) a policy; the config is composed by Hydra from `configs/`.
+
+Arguments are Hydra overrides: pick a config group with `group=option`
+(`env=simple_spread_5`, `algo=maddpg`, `attack=none`) and set any value with `key=value`
+(`seed=3`, `train.total_env_steps=200000`, `algo.lr_actor=0.001`). A misspelt group or key
+fails with Hydra's message; bad values (negative steps, fewer than 2 agents) fail before
+any work starts.
+
+The run directory is `runs/<env>_<N>-<algo>-seed<seed>` (`out_dir=` and `run_name=`
+change it). It keeps Hydra's `.hydra/` (composed config, overrides), `run.yaml` (resolved
+config, code version, seed), `metrics.jsonl` (one line per chunk), `checkpoints/` (Orbax)
+and `evaluation.json`. Re-running the same command resumes from the newest checkpoint; a
+checkpoint made with a different env/algo/seed is refused, naming the field.
+
+With `-m`/`--multirun`, comma-separated values sweep, one run per combination, into
+`runs/sweeps/<sweep_name>/<overrides>`. Other Hydra flags pass through: `--cfg job` prints
+the composed config without training, `hydra/launcher=...` picks a launcher.
+
+Examples:
+
+* `forensics train`
+* `forensics train env=simple_spread_5 seed=3 train.total_env_steps=500000`
+* `forensics train -m seed=0,1,2 sweep_name=seeds`
+* `forensics train --cfg job algo.lr_actor=0.001`
+"""
+
+
+def task(cfg: DictConfig) -> None:
+    """Hydra task: validate first, then train in Hydra's output directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cli import enable_compilation_cache, training
+    from configs.schema import validate
+
+    config = validate(cfg)
+    enable_compilation_cache()
+    training.run(config, Path(HydraConfig.get().runtime.output_dir))
+
+
+def train(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Hydra overrides (key=value, group=option) and Hydra flags."),
+    ] = None,
+    multirun: Annotated[
+        bool,
+        typer.Option(
+            "--multirun", "-m", help="Sweep: one run per combination of comma-separated values."
+        ),
+    ] = False,
+) -> None:
+    run_hydra(task, "forensics train", overrides or [], multirun)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "train",
+        help=HELP,
+        context_settings={"ignore_unknown_options": True},
+    )(train)

@@ -1,0 +1,171 @@
+"""The training loop behind ``forensics train``: resumable chunks, metrics, checkpoints.
+
+``run(config, run_dir)`` is idempotent in the run directory: it resumes from the newest
+checkpoint there (refusing one made under a different env/algo/seed), calls the jitted
+``trainer.train_chunk`` until ``train.total_env_steps`` is reached, appends one JSON line
+of metrics per chunk to ``metrics.jsonl``, checkpoints every
+``train.checkpoint_every_chunks`` chunks and at the end, then evaluates the final
+checkpoint exactly as ``forensics evaluate-policy`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from agents import checkpoint
+from agents.trainer import Trainer, make_trainer
+from cli.evaluate_policy import evaluate, summary_line
+from configs.schema import ConfigError
+from envs import MultiAgentEnv
+
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.yaml"
+
+
+def build(config: Mapping[str, Any]) -> tuple[MultiAgentEnv, Trainer]:
+    """Environment and trainer of a validated config; their own checks become ConfigErrors."""
+    try:
+        env = checkpoint.env_from_config(config)
+        return env, make_trainer(config["algo"]["name"], env, config["algo"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _write_run_file(run_dir: Path, config: Mapping[str, Any]) -> None:
+    """Our own record of the run: resolved config, code version, seed and command line."""
+    record = {
+        "command": " ".join(["forensics", *sys.argv[1:]]),
+        "code_version": checkpoint.code_version(),
+        "seeds": {"seed": config["seed"], "init_key": f"jax.random.PRNGKey({config['seed']})"},
+        "config": dict(config),
+    }
+    _atomic_write(run_dir / RUN_FILE, yaml.safe_dump(record, sort_keys=False))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, last_chunk: int) -> None:
+    """Keep only complete lines of chunks ≤ ``last_chunk``: after a crash, the chunks past
+    the restored checkpoint are re-run and must not appear twice."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["chunk"] <= last_chunk:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+    _atomic_write(path, "".join(kept))
+
+
+def _to_json(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Device scalars → floats (NaN, e.g. losses before the first update, → null)."""
+    out = {}
+    for key, value in jax.device_get(dict(metrics)).items():
+        value = float(value)
+        out[key] = None if math.isnan(value) else value
+    return out
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("env steps"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
+def _chunk_line(record: Mapping[str, Any]) -> str:
+    shown = {k: v for k, v in record.items() if k not in ("chunk", "env_steps", "wall_s")}
+    body = "  ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+    )
+    return f"chunk {record['chunk']:>4}  env_steps {record['env_steps']:>10,}  {body}"
+
+
+def run(config: Mapping[str, Any], run_dir: Path, console: Console | None = None) -> dict:
+    """Train (or resume) the run in ``run_dir``; returns the final evaluation summary."""
+    console = console or Console(soft_wrap=True)
+    train = config["train"]
+    env, trainer = build(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mngr = checkpoint.manager(run_dir, keep=train["checkpoints_to_keep"])
+    meta = checkpoint.latest_meta(mngr)
+    if meta is not None:
+        checkpoint.check_compatible(meta, config, str(run_dir))
+    _write_run_file(run_dir, config)
+
+    init_key = jax.random.PRNGKey(config["seed"])
+    if meta is None:
+        state, chunk = trainer.init(init_key), 0
+    else:
+        state = checkpoint.restore_state(mngr, jax.eval_shape(trainer.init, init_key))
+        chunk = meta["chunk"]
+        console.print(f"Resuming {run_dir} from env step {meta['env_steps']:,} (chunk {chunk})")
+    metrics_path = run_dir / METRICS_FILE
+    _truncate_metrics(metrics_path, chunk)
+
+    per_chunk = trainer.env_steps_per_chunk
+    total_chunks = max(1, math.ceil(train["total_env_steps"] / per_chunk))
+    with _progress(console, train["progress"]) as progress, metrics_path.open("a") as log:
+        total = total_chunks * per_chunk
+        bar = progress.add_task("train", total=total, completed=chunk * per_chunk)
+        while chunk < total_chunks:
+            start = time.perf_counter()
+            state, metrics = trainer.train_chunk(state)
+            record = _to_json(metrics)  # device_get waits for the chunk to finish
+            wall = time.perf_counter() - start
+            chunk += 1
+            record = {
+                "chunk": chunk,
+                "env_steps": chunk * per_chunk,
+                **{k: v for k, v in record.items() if k != "env_steps"},
+                "env_steps_per_s": per_chunk / wall,
+                "wall_s": wall,
+            }
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            progress.console.print(_chunk_line(record))
+            progress.update(bar, completed=chunk * per_chunk)
+            if chunk % train["checkpoint_every_chunks"] == 0 or chunk == total_chunks:
+                meta = checkpoint.make_meta(config, env.spec, chunk * per_chunk, chunk)
+                checkpoint.save(mngr, state, trainer.policy_params(state), meta)
+    mngr.close()
+    where = run_dir / checkpoint.CHECKPOINT_DIR
+    console.print(f"Checkpoint: {where} (env step {chunk * per_chunk:,})")
+
+    if train["eval_episodes"] == 0:
+        return {}
+    result = evaluate(run_dir, episodes=train["eval_episodes"])
+    console.print(summary_line(result))
+    return result

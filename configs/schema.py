@@ -1,0 +1,118 @@
+"""Validation of a composed run config, before any work starts.
+
+Hydra already rejects misspelt groups and keys (the composed config is in struct mode);
+this module checks the *values* of the sections every run shares (top level, ``env``,
+``train``, ``attack``) and reports the first problem as one line
+``<field>: expected <what>, got <value>``. An algorithm's own ``algo.*`` settings are
+parsed and checked by the algorithm itself (``make_trainer``), which names the field too.
+Rules are plain tables, so a new attack only adds its entry to ``ATTACK_RULES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from envs import ENVS
+
+
+class ConfigError(CompactHydraException, ValueError):
+    """An invalid config value. Hydra prints its message alone, without a traceback."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    expected: str
+    ok: Callable[[Any], bool]
+
+
+def int_at_least(lo: int) -> Rule:
+    return Rule(
+        f"an integer >= {lo}", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    )
+
+
+def one_of(names: Collection[str]) -> Rule:
+    return Rule("one of " + ", ".join(sorted(names)), lambda v: v in names)
+
+
+BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+NAME = Rule("a non-empty name without '/'", lambda v: isinstance(v, str) and v and "/" not in v)
+PATH = Rule("a non-empty path", lambda v: isinstance(v, str) and bool(v))
+
+TOP_RULES: dict[str, Rule] = {
+    "seed": int_at_least(0),
+    "out_dir": PATH,
+    "run_name": NAME,
+    "sweep_name": NAME,
+}
+
+ENV_RULES: dict[str, Rule] = {
+    "name": one_of(ENVS),
+    "num_agents": int_at_least(2),
+    "continuous": BOOL,
+}
+
+TRAIN_RULES: dict[str, Rule] = {
+    "total_env_steps": int_at_least(1),
+    "checkpoint_every_chunks": int_at_least(1),
+    "checkpoints_to_keep": int_at_least(1),
+    "eval_episodes": int_at_least(0),
+    "progress": BOOL,
+}
+
+# attack.name → rules for that attack's other keys.
+ATTACK_RULES: dict[str, dict[str, Rule]] = {"none": {}}
+
+
+def _check_values(section: Mapping[str, Any], prefix: str, rules: Mapping[str, Rule]) -> None:
+    for key, rule in rules.items():
+        if key not in section:
+            raise ConfigError(f"{prefix}{key}: missing; expected {rule.expected}")
+        if not rule.ok(section[key]):
+            raise ConfigError(f"{prefix}{key}: expected {rule.expected}, got {section[key]!r}")
+
+
+def _section(cfg: Mapping[str, Any], group: str) -> Mapping[str, Any]:
+    section = cfg.get(group)
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{group}: missing; expected a {group} config")
+    return section
+
+
+def _check_section(cfg: Mapping[str, Any], group: str, rules: Mapping[str, Rule]) -> None:
+    """``cfg[group]`` is a mapping with exactly the keys of ``rules``, each valid."""
+    section = _section(cfg, group)
+    _check_values(section, f"{group}.", rules)
+    extra = sorted(set(section) - set(rules))
+    if extra:
+        raise ConfigError(f"{group}.{extra[0]}: unknown key; expected only {', '.join(rules)}")
+
+
+def resolve(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The config as plain containers with interpolations resolved (``hydra`` node dropped)."""
+    try:
+        container = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    container.pop("hydra", None)
+    return container
+
+
+def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Check a run config; returns it resolved, or raises ``ConfigError`` naming the field."""
+    plain = resolve(cfg)
+    _check_values(plain, "", TOP_RULES)
+    _check_section(plain, "env", ENV_RULES)
+    _check_section(plain, "train", TRAIN_RULES)
+    _check_values(_section(plain, "algo"), "algo.", {"name": NAME})
+    attack_name = one_of(ATTACK_RULES)
+    _check_values(_section(plain, "attack"), "attack.", {"name": attack_name})
+    _check_section(plain, "attack", {"name": attack_name, **ATTACK_RULES[plain["attack"]["name"]]})
+    return plain

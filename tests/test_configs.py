@@ -1,0 +1,99 @@
+"""The Hydra config tree: every env × algo × attack composes, validates and builds;
+bad values and misspelt names are rejected before any work, with the field named."""
+
+from __future__ import annotations
+
+import itertools
+from importlib import resources
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+
+from cli.hydra_entry import compose_config
+from cli.training import build
+from configs.schema import ConfigError
+
+
+def _options(group: str) -> list[str]:
+    """Every config file of a group, so new files are covered without editing this test."""
+    files = resources.files("configs").joinpath(group).iterdir()
+    return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
+
+
+COMBINATIONS = list(itertools.product(_options("env"), _options("algo"), _options("attack")))
+
+
+def test_every_group_has_options():
+    assert {"simple_spread_3", "simple_spread_5"} <= set(_options("env"))
+    assert "maddpg" in _options("algo") and "none" in _options("attack")
+
+
+@pytest.mark.parametrize("env,algo,attack", COMBINATIONS)
+def test_every_combination_composes_validates_and_builds(env, algo, attack):
+    config = compose_config([f"env={env}", f"algo={algo}", f"attack={attack}"])
+    built_env, trainer = build(config)
+    assert built_env.spec.num_agents == config["env"]["num_agents"]
+    assert trainer.env_steps_per_chunk > 0
+
+
+def test_defaults_are_the_documented_ones():
+    config = compose_config()
+    assert (config["env"]["name"], config["env"]["num_agents"]) == ("simple_spread", 3)
+    assert config["env"]["continuous"] is False
+    assert (config["algo"]["name"], config["attack"]["name"]) == ("maddpg", "none")
+
+
+def test_run_directories_are_deterministic():
+    with initialize_config_module("configs", version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["env=simple_spread_5", "env.continuous=true", "seed=3"],
+            return_hydra_config=True,
+        )
+        assert cfg.hydra.run.dir == "runs/simple_spread_5_cont-maddpg-seed3"
+        assert cfg.hydra.sweep.dir == "runs/sweeps/default"
+
+
+BAD_VALUES = [
+    ("train.total_env_steps=-5", "train.total_env_steps: expected an integer >= 1, got -5"),
+    ("train.checkpoint_every_chunks=0", "train.checkpoint_every_chunks: expected"),
+    ("train.eval_episodes=many", "train.eval_episodes: expected an integer >= 0, got 'many'"),
+    ("env.num_agents=1", "env.num_agents: expected an integer >= 2, got 1"),
+    ("env.name=simple_sprawl", "env.name: expected one of simple_spread, got 'simple_sprawl'"),
+    ("env.continuous=maybe", "env.continuous: expected true or false"),
+    ("seed=-1", "seed: expected an integer >= 0"),
+    ("attack.name=gremlin", "attack.name: expected one of none, got 'gremlin'"),
+    ("algo.name=ppo", "algo.name: unknown algorithm 'ppo'"),
+    ("algo.lr_actor=-0.1", "algo.lr_actor"),
+    ("algo.batch_size=0", "algo.batch_size"),
+    ("algo.actor_hidden=[64,-1]", "algo.actor_hidden"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_bad_values_fail_with_the_field_named(override, message):
+    with pytest.raises(ConfigError) as err:
+        build(compose_config([override]))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_section_keys_are_rejected():
+    with pytest.raises(ConfigError, match=r"^env\.colour: unknown key"):
+        compose_config(["+env.colour=red"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trian.total_env_steps=5", "Key 'trian' is not in struct"),
+        ("train.total_env_stepz=5", "Key 'total_env_stepz' is not in struct"),
+        ("env=simple_sprad_3", "Could not find 'env/simple_sprad_3'"),
+    ],
+)
+def test_misspelt_keys_and_groups_fail_in_hydra(override, message):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config([override])
+    text = f"{err.value} {err.value.__cause__}"
+    assert message in text
