@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -38,15 +39,31 @@ Examples:
 
 
 def task(cfg: DictConfig) -> None:
-    """Hydra task: validate first, then train in Hydra's output directory."""
+    """Hydra task: validate first, then train in Hydra's output directory.
+
+    A ``ConfigError`` (bad value, checkpoint of another config) ends the process with its
+    one-line message and exit status 1, instead of Hydra's multi-line job report; in a
+    local sweep this stops the sweep at the first refused job.
+    """
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
     from cli import enable_compilation_cache, training
-    from configs.schema import validate
+    from configs.schema import ConfigError, validate
 
-    config = validate(cfg)
-    enable_compilation_cache()
-    training.run(config, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        config = validate(cfg)
+        enable_compilation_cache()
+        hydra_cfg = HydraConfig.get()
+        hydra_record = {  # what Hydra would write to .hydra/ (see hydra.output_subdir)
+            "config.yaml": OmegaConf.to_yaml(cfg),
+            "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
+            "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+        }
+        training.run(config, Path(hydra_cfg.runtime.output_dir), hydra_record=hydra_record)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def train(

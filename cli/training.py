@@ -39,6 +39,7 @@ from envs import MultiAgentEnv
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.yaml"
+HYDRA_DIR = ".hydra"
 
 
 def build(config: Mapping[str, Any]) -> tuple[MultiAgentEnv, Trainer]:
@@ -50,8 +51,14 @@ def build(config: Mapping[str, Any]) -> tuple[MultiAgentEnv, Trainer]:
         raise ConfigError(str(err)) from None
 
 
-def _write_run_file(run_dir: Path, config: Mapping[str, Any]) -> None:
-    """Our own record of the run: resolved config, code version, seed and command line."""
+def _write_records(
+    run_dir: Path, config: Mapping[str, Any], hydra_record: Mapping[str, str]
+) -> None:
+    """Hydra's ``.hydra/`` files, and our own record of the run: resolved config, code
+    version, seed and command line."""
+    (run_dir / HYDRA_DIR).mkdir(exist_ok=True)
+    for name, text in hydra_record.items():
+        _atomic_write(run_dir / HYDRA_DIR / name, text)
     record = {
         "command": " ".join(["forensics", *sys.argv[1:]]),
         "code_version": checkpoint.code_version(),
@@ -113,8 +120,17 @@ def _chunk_line(record: Mapping[str, Any]) -> str:
     return f"chunk {record['chunk']:>4}  env_steps {record['env_steps']:>10,}  {body}"
 
 
-def run(config: Mapping[str, Any], run_dir: Path, console: Console | None = None) -> dict:
-    """Train (or resume) the run in ``run_dir``; returns the final evaluation summary."""
+def run(
+    config: Mapping[str, Any],
+    run_dir: Path,
+    hydra_record: Mapping[str, str] | None = None,
+    console: Console | None = None,
+) -> dict:
+    """Train (or resume) the run in ``run_dir``; returns the final evaluation summary.
+
+    ``hydra_record`` (file name → text) is written to ``run_dir/.hydra/`` once the config
+    is known to match the run's checkpoints.
+    """
     console = console or Console(soft_wrap=True)
     train = config["train"]
     env, trainer = build(config)
@@ -123,11 +139,11 @@ def run(config: Mapping[str, Any], run_dir: Path, console: Console | None = None
     meta = checkpoint.latest_meta(mngr)
     if meta is not None:
         checkpoint.check_compatible(meta, config, str(run_dir))
-    _write_run_file(run_dir, config)
+    _write_records(run_dir, config, hydra_record or {})
 
     init_key = jax.random.PRNGKey(config["seed"])
-    if meta is None:
-        state, chunk = trainer.init(init_key), 0
+    if meta is None:  # jitted: one (persistently cached) compile instead of op-by-op dispatch
+        state, chunk = jax.jit(trainer.init)(init_key), 0
     else:
         state = checkpoint.restore_state(mngr, jax.eval_shape(trainer.init, init_key))
         chunk = meta["chunk"]
