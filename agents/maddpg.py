@@ -261,6 +261,12 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             num_updates=jnp.int32(0),
         )
 
+    def init_committed(key: jax.Array) -> TrainState:
+        """``init``, jitted, with the state committed to the default device: Orbax restores
+        committed arrays, and ``jit`` caches committed and uncommitted inputs separately, so
+        this keeps a fresh and a restored state on one compiled ``train_chunk``."""
+        return jax.device_put(jax.jit(init)(key), jax.devices()[0])
+
     def explore(actor_params: Params, obs: jax.Array, key: jax.Array):
         """Exploratory env actions and their critic encoding for obs [E, N, O]."""
         out = apply_actors(actor, actor_params, obs)
@@ -411,7 +417,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
         return {"actor": state.learner.actor_params, "critic": state.learner.critic_params}
 
     return Trainer(
-        init=init,
+        init=init_committed,
         train_chunk=train_chunk,
         env_steps_per_chunk=cfg.iterations_per_chunk * E * T,
         policy_params=policy_params,
