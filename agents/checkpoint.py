@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import subprocess
 from collections.abc import Callable, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,27 +25,12 @@ import orbax.checkpoint as ocp
 
 from configs.schema import ConfigError
 from envs import EnvSpec, MultiAgentEnv, make_env
+from forensics.store import current_code_version
 
 CHECKPOINT_DIR = "checkpoints"
 # Config sections a checkpoint is bound to: resuming or evaluating under a different value
 # of any of these would silently mix two experiments.
 BOUND_SECTIONS = ("env", "algo", "seed")
-
-
-def code_version() -> str:
-    """``git describe --always --dirty`` of the source tree, else the installed version."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return f"marl-forensics {metadata.version('marl-forensics')}"
 
 
 def make_meta(
@@ -60,7 +43,7 @@ def make_meta(
         "algo": config["algo"]["name"],
         "env_steps": env_steps,
         "chunk": chunk,
-        "code_version": code_version(),
+        "code_version": current_code_version(),
     }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import yaml
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -36,6 +36,7 @@ from agents.trainer import Trainer, make_trainer
 from cli.evaluate_policy import evaluate, summary_line
 from configs.schema import ConfigError
 from envs import MultiAgentEnv
+from forensics.store import current_code_version
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.yaml"
@@ -61,11 +62,11 @@ def _write_records(
         _atomic_write(run_dir / HYDRA_DIR / name, text)
     record = {
         "command": " ".join(["forensics", *sys.argv[1:]]),
-        "code_version": checkpoint.code_version(),
+        "code_version": current_code_version(),
         "seeds": {"seed": config["seed"], "init_key": f"jax.random.PRNGKey({config['seed']})"},
         "config": dict(config),
     }
-    _atomic_write(run_dir / RUN_FILE, yaml.safe_dump(record, sort_keys=False))
+    _atomic_write(run_dir / RUN_FILE, OmegaConf.to_yaml(record))
 
 
 def _atomic_write(path: Path, text: str) -> None:
