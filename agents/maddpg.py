@@ -219,56 +219,42 @@ class TrainState(struct.PyTreeNode):
     num_updates: jax.Array  # int32 [], gradient updates done
 
 
-# -------------------------------------------------------------------------- trainer
-def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
-    """MADDPG on ``env`` with hyper-parameters ``algo_cfg`` (see ``MaddpgConfig``)."""
-    cfg = algo_cfg if isinstance(algo_cfg, MaddpgConfig) else MaddpgConfig.from_mapping(algo_cfg)
-    spec = env.spec
-    n, T, E = spec.num_agents, spec.episode_length, cfg.num_envs
-    if cfg.buffer_size < E * T:
-        raise ValueError(
-            f"algo.buffer_size must be >= num_envs * episode_length = {E * T}, "
-            f"got {cfg.buffer_size}"
-        )
+# ------------------------------------------------------------------ learner pieces
+def optimisers(cfg: MaddpgConfig) -> tuple[optax.GradientTransformation, ...]:
+    """(actor, critic) optimisers: global-norm clip then Adam. Applied per agent with
+    ``jax.vmap`` over the stacked axis, so each agent clips and adapts on its own."""
+    return tuple(
+        optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
+        for lr in (cfg.lr_actor, cfg.lr_critic)
+    )
+
+
+def init_learner(spec: EnvSpec, cfg: MaddpgConfig, key: jax.Array) -> Learner:
+    """Fresh stacked actors and critics; targets start equal to the online networks."""
     actor, critic = build_networks(spec, cfg)
-    actor_tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.lr_actor))
-    critic_tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.lr_critic))
-    ready_size = max(cfg.warmup, cfg.batch_size)
-    agent_mask = jnp.eye(n, dtype=bool)[:, None, :, None]  # [i, 1, N, 1]: agent i's own row
+    actor_tx, critic_tx = optimisers(cfg)
+    k_actor, k_critic = jax.random.split(key)
+    n = spec.num_agents
+    obs = jnp.zeros((n, spec.obs_dim), jnp.float32)
+    act = jnp.zeros((n, spec.action_dim), jnp.float32)
+    actor_params = init_stacked(actor, k_actor, n, obs[0])
+    critic_params = init_stacked(critic, k_critic, n, obs, act)
+    return Learner(
+        actor_params=actor_params,
+        critic_params=critic_params,
+        target_actor_params=actor_params,
+        target_critic_params=critic_params,
+        actor_opt_state=jax.vmap(actor_tx.init)(actor_params),
+        critic_opt_state=jax.vmap(critic_tx.init)(critic_params),
+    )
 
-    def init(key: jax.Array) -> TrainState:
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.key_data(key)
-        key, k_actor, k_critic = jax.random.split(key, 3)
-        obs = jnp.zeros((n, spec.obs_dim), jnp.float32)
-        act = jnp.zeros((n, spec.action_dim), jnp.float32)
-        actor_params = init_stacked(actor, k_actor, n, obs[0])
-        critic_params = init_stacked(critic, k_critic, n, obs, act)
-        learner = Learner(
-            actor_params=actor_params,
-            critic_params=critic_params,
-            target_actor_params=actor_params,
-            target_critic_params=critic_params,
-            actor_opt_state=jax.vmap(actor_tx.init)(actor_params),
-            critic_opt_state=jax.vmap(critic_tx.init)(critic_params),
-        )
-        example = Transition(obs, act, jnp.zeros(n), obs, jnp.float32(0), jnp.float32(0))
-        return TrainState(
-            learner=learner,
-            buffer=replay.init(example, cfg.buffer_size),
-            key=key,
-            iteration=jnp.int32(0),
-            num_updates=jnp.int32(0),
-        )
 
-    def init_committed(key: jax.Array) -> TrainState:
-        """``init``, jitted, with the state committed to the default device: Orbax restores
-        committed arrays, and ``jit`` caches committed and uncommitted inputs separately, so
-        this keeps a fresh and a restored state on one compiled ``train_chunk``."""
-        return jax.device_put(jax.jit(init)(key), jax.devices()[0])
+def make_explore(spec: EnvSpec, cfg: MaddpgConfig):
+    """``explore(actor_params, obs [..., N, O], key) -> (env actions, critic encoding)``:
+    a ~ softmax(ℓ) (discrete) or clip(μ + σ·(high − low)·ε, low, high) (continuous)."""
+    actor, _ = build_networks(spec, cfg)
 
     def explore(actor_params: Params, obs: jax.Array, key: jax.Array):
-        """Exploratory env actions and their critic encoding for obs [E, N, O]."""
         out = apply_actors(actor, actor_params, obs)
         if spec.discrete:
             actions = jax.random.categorical(key, out).astype(jnp.int32)
@@ -278,30 +264,16 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             actions = jnp.clip(out + noise, spec.action_low, spec.action_high)
         return actions, encode_actions(spec, actions)
 
-    def collect(actor_params: Params, key: jax.Array):
-        """E whole episodes: transitions [T, E, ...] and per-agent returns [E, N]."""
-        k_reset, k_steps = jax.random.split(key)
-        obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, E))
+    return explore
 
-        def step(carry, inp):
-            obs, env_state, alive = carry
-            key, t = inp
-            k_act, k_env = jax.random.split(key)
-            actions, encoded = explore(actor_params, obs, k_act)
-            next_obs, env_state, reward, done, _ = jax.vmap(env.step)(
-                jax.random.split(k_env, E), env_state, actions
-            )
-            # A done on the last step is the time limit, not a terminal state.
-            terminal = (done & (t < T - 1)).astype(jnp.float32)
-            tr = Transition(obs, encoded, reward, next_obs, terminal, alive.astype(jnp.float32))
-            return (next_obs, env_state, alive & ~done), tr
 
-        alive = jnp.ones((E,), bool)
-        _, traj = jax.lax.scan(
-            step, (obs, env_state, alive), (jax.random.split(k_steps, T), jnp.arange(T))
-        )
-        returns = jnp.sum(traj.reward * traj.valid[..., None], axis=0)
-        return traj, returns
+def make_update(spec: EnvSpec, cfg: MaddpgConfig):
+    """``update(learner, batch, key) -> (learner, metrics)``: one MADDPG gradient step on a
+    replay batch (leaves [B, ...]), the math in the module docstring."""
+    actor, critic = build_networks(spec, cfg)
+    actor_tx, critic_tx = optimisers(cfg)
+    n = spec.num_agents
+    agent_mask = jnp.eye(n, dtype=bool)[:, None, :, None]  # [i, 1, N, 1]: agent i's own row
 
     def update(learner: Learner, batch: Transition, key: jax.Array):
         """One critic step, then one actor step against the updated critics, then Polyak."""
@@ -318,9 +290,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             q = critic_values(critic, params, batch.obs, batch.action)
             return jnp.sum(valid * (q - target) ** 2) / count, q
 
-        (c_loss, q), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(
-            learner.critic_params
-        )
+        (c_loss, q), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(learner.critic_params)
         c_updates, critic_opt_state = jax.vmap(critic_tx.update)(
             c_grads, learner.critic_opt_state, learner.critic_params
         )
@@ -363,6 +333,70 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             "q_mean": jnp.sum(valid * q) / (count * n),
         }
         return learner, metrics
+
+    return update
+
+
+# -------------------------------------------------------------------------- trainer
+def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
+    """MADDPG on ``env`` with hyper-parameters ``algo_cfg`` (see ``MaddpgConfig``)."""
+    cfg = algo_cfg if isinstance(algo_cfg, MaddpgConfig) else MaddpgConfig.from_mapping(algo_cfg)
+    spec = env.spec
+    n, T, E = spec.num_agents, spec.episode_length, cfg.num_envs
+    if cfg.buffer_size < E * T:
+        raise ValueError(
+            f"algo.buffer_size must be >= num_envs * episode_length = {E * T}, "
+            f"got {cfg.buffer_size}"
+        )
+    explore = make_explore(spec, cfg)
+    update = make_update(spec, cfg)
+    ready_size = max(cfg.warmup, cfg.batch_size)
+
+    def init(key: jax.Array) -> TrainState:
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        key, k_learner = jax.random.split(key)
+        obs = jnp.zeros((n, spec.obs_dim), jnp.float32)
+        act = jnp.zeros((n, spec.action_dim), jnp.float32)
+        example = Transition(obs, act, jnp.zeros(n), obs, jnp.float32(0), jnp.float32(0))
+        return TrainState(
+            learner=init_learner(spec, cfg, k_learner),
+            buffer=replay.init(example, cfg.buffer_size),
+            key=key,
+            iteration=jnp.int32(0),
+            num_updates=jnp.int32(0),
+        )
+
+    def init_committed(key: jax.Array) -> TrainState:
+        """``init``, jitted, with the state committed to the default device: Orbax restores
+        committed arrays, and ``jit`` caches committed and uncommitted inputs separately, so
+        this keeps a fresh and a restored state on one compiled ``train_chunk``."""
+        return jax.device_put(jax.jit(init)(key), jax.devices()[0])
+
+    def collect(actor_params: Params, key: jax.Array):
+        """E whole episodes: transitions [T, E, ...] and per-agent returns [E, N]."""
+        k_reset, k_steps = jax.random.split(key)
+        obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, E))
+
+        def step(carry, inp):
+            obs, env_state, alive = carry
+            key, t = inp
+            k_act, k_env = jax.random.split(key)
+            actions, encoded = explore(actor_params, obs, k_act)
+            next_obs, env_state, reward, done, _ = jax.vmap(env.step)(
+                jax.random.split(k_env, E), env_state, actions
+            )
+            # A done on the last step is the time limit, not a terminal state.
+            terminal = (done & (t < T - 1)).astype(jnp.float32)
+            tr = Transition(obs, encoded, reward, next_obs, terminal, alive.astype(jnp.float32))
+            return (next_obs, env_state, alive & ~done), tr
+
+        alive = jnp.ones((E,), bool)
+        _, traj = jax.lax.scan(
+            step, (obs, env_state, alive), (jax.random.split(k_steps, T), jnp.arange(T))
+        )
+        returns = jnp.sum(traj.reward * traj.valid[..., None], axis=0)
+        return traj, returns
 
     def learn(learner: Learner, buffer: replay.ReplayBuffer, key: jax.Array):
         """``updates_per_iteration`` updates on fresh uniform batches; mean metrics."""

@@ -1,0 +1,141 @@
+"""Training throughput: the jitted MADDPG trainer vs a step-by-step Python loop.
+
+Both sides run the same MADDPG networks, the same jitted gradient ``update`` and the
+same number of gradient updates per environment step (``updates_per_iteration`` per
+``num_envs · episode_length`` steps):
+
+* jitted: ``Trainer.train_chunk`` — JAX Simple Spread vmapped over ``num_envs``
+  episodes, ``lax.scan`` over steps, updates and iterations, one call per chunk;
+* baseline: mpe2's PettingZoo ``simple_spread_v3`` (``envs.pettingzoo_ref``) stepped
+  one transition at a time in Python, the jitted exploratory actor called every step, a
+  numpy ring buffer, and the jitted update called every ``steps_per_update`` steps —
+  the usual structure of a PyTorch MADDPG training loop.
+
+Compilation is excluded from both rates (reported separately); env-steps/s counts
+environment transitions (one joint step of all agents), updates included.
+
+    .venv/bin/python scripts/benchmark_train.py [--num-agents 3] [--continuous]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from agents import maddpg
+from envs import make_env
+from envs.pettingzoo_ref import PettingZooSpread
+
+
+def time_jitted(env, cfg: maddpg.MaddpgConfig, chunks: int) -> dict[str, float]:
+    """Steady-state env-steps/s of ``train_chunk`` (the first, compiling call excluded)."""
+    trainer = maddpg.make_trainer(env, cfg)
+    state = trainer.init(jax.random.PRNGKey(0))
+    t0 = time.perf_counter()
+    state, metrics = trainer.train_chunk(state)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(chunks):
+        state, metrics = trainer.train_chunk(state)
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - t0
+    steps = chunks * trainer.env_steps_per_chunk
+    updates = chunks * cfg.iterations_per_chunk * cfg.updates_per_iteration
+    return {"steps": steps, "updates": updates, "seconds": elapsed, "compile_s": compile_s}
+
+
+def time_python_loop(spec, cfg: maddpg.MaddpgConfig, steps: int, continuous: bool):
+    """Env-steps/s of a Python loop over the PettingZoo env with the same update ratio."""
+    n, T = spec.num_agents, spec.episode_length
+    steps_per_update = cfg.num_envs * T // cfg.updates_per_iteration
+    explore = jax.jit(maddpg.make_explore(spec, cfg))
+    update = jax.jit(maddpg.make_update(spec, cfg))
+    learner = maddpg.init_learner(spec, cfg, jax.random.PRNGKey(0))
+    env = PettingZooSpread(n, continuous=continuous, max_cycles=T)
+    rng = np.random.default_rng(0)
+    key = jax.random.PRNGKey(1)
+
+    cap = cfg.buffer_size
+    buf = maddpg.Transition(
+        obs=np.zeros((cap, n, spec.obs_dim), np.float32),
+        action=np.zeros((cap, n, spec.action_dim), np.float32),
+        reward=np.zeros((cap, n), np.float32),
+        next_obs=np.zeros((cap, n, spec.obs_dim), np.float32),
+        terminal=np.zeros((cap,), np.float32),
+        valid=np.ones((cap,), np.float32),
+    )
+    size = pos = 0
+
+    def run(num_steps: int) -> None:
+        nonlocal size, pos, learner, key
+        obs = env.reset(seed=int(rng.integers(2**31)))
+        t = 0
+        for step in range(num_steps):
+            key, k_act, k_upd = jax.random.split(key, 3)
+            actions, encoded = explore(learner.actor_params, obs, k_act)
+            next_obs, reward, done = env.step(np.asarray(actions))
+            buf.obs[pos], buf.action[pos], buf.reward[pos] = obs, encoded, reward
+            buf.next_obs[pos] = next_obs
+            pos, size = (pos + 1) % cap, min(size + 1, cap)
+            obs, t = next_obs, t + 1
+            if done or t == T:
+                obs, t = env.reset(seed=int(rng.integers(2**31))), 0
+            if (step + 1) % steps_per_update == 0:
+                idx = rng.integers(size, size=cfg.batch_size)
+                batch = maddpg.Transition(*(field[idx] for field in buf))
+                learner, _ = update(learner, batch, k_upd)
+        jax.block_until_ready(learner)
+
+    t0 = time.perf_counter()
+    run(steps_per_update)  # compiles explore and update
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run(steps)
+    elapsed = time.perf_counter() - t0
+    return {
+        "steps": steps,
+        "updates": steps // steps_per_update,
+        "seconds": elapsed,
+        "compile_s": compile_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-agents", type=int, default=3)
+    parser.add_argument("--continuous", action="store_true")
+    parser.add_argument("--chunks", type=int, default=2, help="timed jitted chunks")
+    parser.add_argument("--loop-steps", type=int, default=3200, help="timed Python-loop steps")
+    args = parser.parse_args()
+
+    env = make_env("simple_spread", num_agents=args.num_agents, continuous=args.continuous)
+    cfg = maddpg.MaddpgConfig(warmup=0)  # defaults; update from the first iteration on
+    print(
+        f"simple_spread N={args.num_agents} {'continuous' if args.continuous else 'discrete'}; "
+        f"num_envs={cfg.num_envs}, {cfg.updates_per_iteration} updates of batch "
+        f"{cfg.batch_size} per {cfg.num_envs * env.spec.episode_length} env steps; "
+        f"jax backend={jax.default_backend()}"
+    )
+    results = {
+        "jitted trainer": time_jitted(env, cfg, args.chunks),
+        "python loop (PettingZoo)": time_python_loop(
+            env.spec, cfg, args.loop_steps, args.continuous
+        ),
+    }
+    rates = {}
+    for name, r in results.items():
+        rates[name] = r["steps"] / r["seconds"]
+        print(
+            f"{name:>26}: {rates[name]:10.0f} env-steps/s  ({r['steps']} steps, "
+            f"{r['updates']} updates in {r['seconds']:.1f} s; compile {r['compile_s']:.1f} s)"
+        )
+    jitted, loop = rates.values()
+    print(f"{'speed-up':>26}: {jitted / loop:10.1f}x")
+
+
+if __name__ == "__main__":
+    main()
