@@ -1,0 +1,398 @@
+"""Jitted, vectorised evaluation rollouts with one attacked agent, replay and counterfactuals.
+
+One episode is a ``lax.scan`` over its T steps; episodes are ``vmap``-ped. Every agent
+acts greedily (masked argmax of its logits, or its deterministic action). At step t:
+
+  clean_actions_t = greedy π(o_t)                      (every agent, true obs, clean θ)
+  õ_t             = perceive(o_t)                      (victim only, while active)
+  actions_t       = clean_actions_t with the victim's entry replaced by
+                    act(π_{θ̃_i}(õ_{i,t}))               while active(t)
+  o_{t+1}, r_t    = env.step(actions_t)
+
+Randomness: an episode is a pure function of (key, target, params). ``key`` is split into
+independent streams for the env reset, the env steps, the attack noise and the protocol's
+draws, so removing the attack (``Target.window = 0``) leaves the env's randomness unchanged:
+that is the counterfactual. Recording ``key`` and ``target`` per episode is enough to
+regenerate it exactly; ``replay_actions`` re-steps the env open-loop from the recorded key
+and actions without any network.
+
+Arrays returned (leading batch shape B..., then T steps, N agents, O obs, A actions):
+  obs_true, obs_perceived  float32 [B.., T, N, O]
+  actions, clean_actions   int32 [B.., T, N] (discrete) | float32 [B.., T, N, A]
+  critic_actions           float32 [B.., T, N, A] (one-hot when discrete)
+  rewards                  float32 [B.., T, N]
+  avail                    bool [B.., T, N, A]
+  done, active             bool [B.., T]
+  key                      uint32 [B.., 2]
+  target                   ``attacks.Target`` of int32 [B..]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from agents import attacks
+from agents.attacks import START_MODES, Attack, Params, Step, Target, Team
+from envs.base import MultiAgentEnv
+
+
+class Episode(NamedTuple):
+    obs_true: jax.Array
+    obs_perceived: jax.Array
+    actions: jax.Array
+    clean_actions: jax.Array
+    critic_actions: jax.Array
+    rewards: jax.Array
+    avail: jax.Array
+    done: jax.Array
+    active: jax.Array
+    key: jax.Array
+    target: Target
+
+
+class Streams(NamedTuple):
+    reset: jax.Array
+    env: jax.Array
+    attack: jax.Array
+    protocol: jax.Array
+
+
+def streams(key: jax.Array) -> Streams:
+    """Independent key streams of one episode key."""
+    return Streams(*jax.random.split(key, 4))
+
+
+def seed_keys(seeds: jax.Array) -> jax.Array:
+    """Episode key of each integer seed: PRNGKey(seed), uint32 [S, 2]."""
+    return jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.int32))
+
+
+def check_params(attack: Attack, team: Team, critic_params: Params | None) -> None:
+    """Attacks that differentiate a critic need one."""
+    if attack.needs_critic(team.spec) and (critic_params is None or team.critic_apply is None):
+        raise ValueError(
+            f"attack.name: {attack.name!r} on {team.spec.name} needs a Q critic "
+            "(critic_apply and critic params); none given"
+        )
+
+
+def _episode(
+    env: MultiAgentEnv,
+    team: Team,
+    attack: Attack,
+    actor_params: Params,
+    critic_params: Params | None,
+    key: jax.Array,
+    target: Target,
+) -> Episode:
+    """One greedy episode (T steps) with ``attack`` applied to ``target``."""
+    spec = env.spec
+    keys = streams(key)
+    obs0, state0 = env.reset(keys.reset)
+    k_params, k_steps = jax.random.split(keys.attack)
+    victim = target.victim
+    victim_params = attacks.agent_slice(
+        attacks.corrupt_params(attack, k_params, actor_params, victim), victim
+    )
+    latched0 = (
+        jnp.zeros((), jnp.int32) if spec.discrete else jnp.zeros((spec.action_dim,), jnp.float32)
+    )
+
+    def step(carry, t):
+        state, obs, latched = carry
+        avail = env.avail_actions(state)
+        clean_act = team.greedy(jax.vmap(team.actor_apply)(actor_params, obs), avail)
+        clean_crit = team.critic_input(clean_act)
+        info = Step(obs, avail, clean_crit, victim, target.observed)
+        k_obs, k_act = jax.random.split(jax.random.fold_in(k_steps, t))
+        active = attacks.is_active(target, t)
+        obs_v = attacks.perceive(attack, team, k_obs, info, victim_params, critic_params)
+        out_v = team.actor_apply(victim_params, obs_v)
+        latched = jnp.where(t == target.start, clean_act[victim], latched)
+        act_v = attacks.act(attack, team, k_act, info, out_v, latched, critic_params)
+        actions = clean_act.at[victim].set(jnp.where(active, act_v, clean_act[victim]))
+        obs_seen = obs.at[victim].set(jnp.where(active, obs_v, obs[victim]))
+        next_obs, next_state, rewards, done, _ = env.step(
+            jax.random.fold_in(keys.env, t), state, actions
+        )
+        record = (
+            obs,
+            obs_seen,
+            actions,
+            clean_act,
+            team.critic_input(actions),
+            rewards,
+            avail,
+            done,
+            active,
+        )
+        return (next_state, next_obs, latched), record
+
+    steps = jnp.arange(spec.episode_length, dtype=jnp.int32)
+    _, rec = jax.lax.scan(step, (state0, obs0, latched0), steps)
+    return Episode(*rec, key=key, target=target)
+
+
+def _batched(one: Callable[..., Episode]) -> Callable[..., Episode]:
+    """Lift ``one(actor_params, critic_params, key [2], target [])`` to keys [B.., 2] and
+    targets [B..] of any leading batch shape (flattened for a single vmap)."""
+
+    def many(actor_params, critic_params, keys, targets):
+        batch = keys.shape[:-1]
+        size = int(np.prod(batch, dtype=int))
+        # XLA lowers a batch of one to matrix-vector products whose float rounding differs
+        # from the batched matrix products; pad to two so replays stay bit-exact.
+        width = max(size, 2)
+        flat = jax.tree_util.tree_map(
+            lambda x: _pad_rows(x.reshape(size, *x.shape[len(batch) :]), width), (keys, targets)
+        )
+        out = jax.vmap(one, in_axes=(None, None, 0, 0))(actor_params, critic_params, *flat)
+        return jax.tree_util.tree_map(lambda x: x[:size].reshape(*batch, *x.shape[1:]), out)
+
+    return many
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """Repeat the last row of x until it has ``rows`` rows."""
+    return jnp.concatenate([x, jnp.repeat(x[-1:], rows - x.shape[0], axis=0)])
+
+
+def make_rollout(
+    env: MultiAgentEnv, team: Team, attack: Attack
+) -> Callable[[Params, Params | None, jax.Array, Target], Episode]:
+    """``rollout(actor_params, critic_params, keys [B.., 2], targets [B..]) -> Episode [B..]``.
+
+    Jitted; the batch may have any leading shape (keys carry a trailing 2). Clean episodes
+    are targets with window 0 (``attacks.clean_target``).
+    """
+
+    batched = jax.jit(_batched(partial(_episode, env, team, attack)))
+
+    def rollout(actor_params, critic_params, keys, targets):
+        check_params(attack, team, critic_params)
+        return batched(actor_params, critic_params, keys, targets)
+
+    return rollout
+
+
+# ------------------------------------------------------------------- replay & cf
+def replay_actions(
+    env: MultiAgentEnv, key: jax.Array, actions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Open-loop replay: reset from the recorded key and step the recorded actions.
+
+    Returns (obs_true [T, N, O], rewards [T, N]); no network is involved, so it checks
+    that the env alone reproduces a recorded episode. vmap it for a batch.
+    """
+    keys = streams(key)
+    obs0, state0 = env.reset(keys.reset)
+
+    def step(carry, xs):
+        state, obs = carry
+        t, a = xs
+        next_obs, next_state, rewards, _, _ = env.step(jax.random.fold_in(keys.env, t), state, a)
+        return (next_state, next_obs), (obs, rewards)
+
+    ts = jnp.arange(actions.shape[0], dtype=jnp.int32)
+    _, (obs, rewards) = jax.lax.scan(step, (state0, obs0), (ts, actions))
+    return obs, rewards
+
+
+def counterfactual(
+    rollout: Callable, actor_params: Params, critic_params: Params | None, episodes: Episode
+) -> Episode:
+    """The same episodes (same keys, same compiled rollout) with the attack removed."""
+    return rollout(
+        actor_params,
+        critic_params,
+        episodes.key,
+        episodes.target._replace(window=jnp.zeros_like(episodes.target.window)),
+    )
+
+
+class Divergence(NamedTuple):
+    """Per agent, the first step at which the attacked episode departs from its
+    counterfactual (T = never). int32 [B.., N] each."""
+
+    action: jax.Array  # its action differs (discrete: ≠; continuous: max |Δ| > tol)
+    obs: jax.Array  # its true observation differs (max |Δ| > tol)
+    first: jax.Array  # min of the two
+
+
+def _first_true(mask: jax.Array, time_axis: int) -> jax.Array:
+    """Index of the first True along ``time_axis``; its length when none."""
+    t = mask.shape[time_axis]
+    return jnp.where(jnp.any(mask, axis=time_axis), jnp.argmax(mask, axis=time_axis), t).astype(
+        jnp.int32
+    )
+
+
+@jax.jit
+def divergence(attacked: Episode, clean: Episode, tol: float = 1e-5) -> Divergence:
+    """Divergence times of every agent between paired episodes of equal shape."""
+    time_axis = attacked.rewards.ndim - 2
+    obs_diff = jnp.max(jnp.abs(attacked.obs_true - clean.obs_true), axis=-1) > tol
+    if attacked.actions.ndim == attacked.rewards.ndim:  # discrete: [.., T, N]
+        act_diff = attacked.actions != clean.actions
+    else:
+        act_diff = jnp.max(jnp.abs(attacked.actions - clean.actions), axis=-1) > tol
+    a, o = _first_true(act_diff, time_axis), _first_true(obs_diff, time_axis)
+    return Divergence(action=a, obs=o, first=jnp.minimum(a, o))
+
+
+# -------------------------------------------------------------------- protocol
+class ProtocolChunk(NamedTuple):
+    """One chunk of seeds of the attack protocol (S seeds, M attacked episodes each)."""
+
+    seeds: np.ndarray  # int [S]
+    clean: Episode  # [S]
+    attacked: Episode  # [S, M]
+    start_class: jax.Array  # int32 [S, M], index into START_MODES
+    fell_back: jax.Array  # bool [S, M], onset chosen by the no-qualifying-step fallback
+
+
+def make_protocol(
+    env: MultiAgentEnv, team: Team, attack: Attack
+) -> Callable[[Params, Params | None, jax.Array], ProtocolChunk]:
+    """``protocol(actor_params, critic_params, seeds [S]) -> ProtocolChunk``, one jitted call.
+
+    Per seed: the clean episode; the critic geometry (G, D) of that clean episode when an
+    influence-based onset is asked for; then ``attacks.protocol_size`` attacked episodes
+    (every selected ordered pair × every start class), all sharing the seed's key so they
+    start from the clean episode's initial state.
+    """
+    spec = env.spec
+    m = attacks.protocol_size(attack, spec.num_agents)
+    uses_geometry = any(s != "uniform" for s in attack.start)
+    rollout_one = _batched(partial(_episode, env, team, attack))
+
+    def protocol(actor_params, critic_params, seeds):
+        keys = seed_keys(seeds)
+        s = keys.shape[0]
+        clean = rollout_one(actor_params, critic_params, keys, attacks.clean_target((s,)))
+        if uses_geometry:
+            g, d = jax.vmap(attacks.influence_geometry, in_axes=(None, None, 0, 0))(
+                team.critic_apply, critic_params, clean.obs_true, clean.critic_actions
+            )
+        else:
+            g = d = None
+        targets, cls, fell = jax.vmap(
+            lambda k, gi, di: attacks.protocol_targets(
+                attack, spec.num_agents, spec.episode_length, streams(k).protocol, gi, di
+            )
+        )(keys, g, d)
+        attacked = rollout_one(
+            actor_params, critic_params, jnp.repeat(keys[:, None], m, axis=1), targets
+        )
+        return clean, attacked, cls, fell
+
+    jitted = jax.jit(protocol)
+
+    def run(actor_params, critic_params, seeds):
+        check_params(attack, team, critic_params)
+        if uses_geometry and (critic_params is None or team.critic_apply is None):
+            raise ValueError(
+                f"attack.start: {list(attack.start)} needs a Q critic for the influence "
+                "geometry; none given (use start=uniform)"
+            )
+        seeds = np.asarray(seeds)
+        return ProtocolChunk(seeds, *jitted(actor_params, critic_params, jnp.asarray(seeds)))
+
+    return run
+
+
+def iter_protocol(
+    protocol: Callable[[Params, Params | None, jax.Array], ProtocolChunk],
+    actor_params: Params,
+    critic_params: Params | None,
+    seeds: np.ndarray,
+    chunk_size: int,
+) -> Iterator[ProtocolChunk]:
+    """Run the protocol over ``seeds`` in chunks of ``chunk_size`` (one compilation: the
+    last chunk is padded with repeats of its last seed and trimmed)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size}")
+    seeds = np.asarray(seeds)
+    for lo in range(0, len(seeds), chunk_size):
+        part = seeds[lo : lo + chunk_size]
+        n = len(part)
+        padded = np.concatenate([part, np.repeat(part[-1:], chunk_size - n)])
+        out = protocol(actor_params, critic_params, padded)
+        yield jax.tree_util.tree_map(lambda x, n=n: x[:n], out)
+
+
+# -------------------------------------------------------------------- efficacy
+def team_return(episodes: Episode) -> jax.Array:
+    """Σ_t Σ_i r_i^t per episode [B..]."""
+    return jnp.sum(episodes.rewards, axis=(-2, -1))
+
+
+def efficacy_table(
+    attack: Attack,
+    clean_return: np.ndarray,
+    attacked_return: np.ndarray,
+    start_class: np.ndarray,
+    victim: np.ndarray,
+    observed: np.ndarray,
+) -> pd.DataFrame:
+    """Team return clean vs attacked, one row per start class of one attack.
+
+    Inputs per seed [S] (clean_return) and per attacked episode [S, M] (the rest).
+    drop = clean − attacked return of the same seed (positive = the attack hurt).
+    ``high_beats_low`` (high_influence row only, when both classes were recorded): the share
+    of (seed, pair) where the high-influence onset dropped the return more than the
+    low-influence onset of the same pair — the paper's high- vs low-influence contrast.
+    """
+    clean_return = np.asarray(clean_return, np.float64)
+    attacked_return = np.asarray(attacked_return, np.float64)
+    start_class = np.asarray(start_class)
+    drop = clean_return[:, None] - attacked_return
+    clean_b = np.broadcast_to(clean_return[:, None], drop.shape)
+    pairs = pd.DataFrame(
+        {
+            "seed": np.broadcast_to(np.arange(drop.shape[0])[:, None], drop.shape).ravel(),
+            "victim": np.asarray(victim).ravel(),
+            "observed": np.asarray(observed).ravel(),
+            "start": start_class.ravel(),
+            "drop": drop.ravel(),
+        }
+    ).pivot_table(index=["seed", "victim", "observed"], columns="start", values="drop")
+    rows = []
+    for c, mode in enumerate(START_MODES):
+        sel = start_class == c
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        d = drop[sel]
+        row: dict[str, Any] = {
+            "attack": attack.name,
+            "magnitude": attack.magnitude,
+            "start": mode,
+            "episodes": n,
+            "clean_return": clean_b[sel].mean(),
+            "attacked_return": attacked_return[sel].mean(),
+            "drop": d.mean(),
+            "drop_se": d.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan,
+            "share_hurt": float(np.mean(d > 0)),
+            "high_beats_low": np.nan,
+        }
+        if mode == "high_influence":
+            row["high_beats_low"] = _high_beats_low(pairs)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _high_beats_low(pairs: pd.DataFrame) -> float:
+    """Share of (seed, pair) rows with drop(high) > drop(low); NaN when no pair has both."""
+    hi, lo = START_MODES.index("high_influence"), START_MODES.index("low_influence")
+    if hi not in pairs.columns or lo not in pairs.columns:
+        return np.nan
+    both = pairs[[hi, lo]].dropna()
+    return float(np.mean(both[hi] > both[lo])) if len(both) else np.nan
