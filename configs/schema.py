@@ -2,10 +2,10 @@
 
 Hydra already rejects misspelt groups and keys (the composed config is in struct mode);
 this module checks the *values* of the sections every run shares (top level, ``env``,
-``train``, ``attack``) and reports the first problem as one line
-``<field>: expected <what>, got <value>``. An algorithm's own ``algo.*`` settings are
-parsed and checked by the algorithm itself (``make_trainer``), which names the field too.
-Rules are plain tables, so a new attack only adds its entry to ``ATTACK_RULES``.
+``train``) and reports the first problem as one line ``<field>: expected <what>, got
+<value>``. The ``attack`` section is parsed by ``agents.attacks.Attack.from_config`` and an
+algorithm's ``algo.*`` settings by the algorithm itself (``make_trainer``); both name the
+field in the same way, so each knob is checked in exactly one place.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from agents.attacks import Attack
 from envs import ENVS
 
 
@@ -66,9 +67,6 @@ TRAIN_RULES: dict[str, Rule] = {
     "progress": BOOL,
 }
 
-# attack.name → rules for that attack's other keys.
-ATTACK_RULES: dict[str, dict[str, Rule]] = {"none": {}}
-
 
 def _check_values(section: Mapping[str, Any], prefix: str, rules: Mapping[str, Rule]) -> None:
     for key, rule in rules.items():
@@ -112,7 +110,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     _check_section(plain, "env", ENV_RULES)
     _check_section(plain, "train", TRAIN_RULES)
     _check_values(_section(plain, "algo"), "algo.", {"name": NAME})
-    attack_name = one_of(ATTACK_RULES)
-    _check_values(_section(plain, "attack"), "attack.", {"name": attack_name})
-    _check_section(plain, "attack", {"name": attack_name, **ATTACK_RULES[plain["attack"]["name"]]})
+    try:
+        Attack.from_config(_section(plain, "attack"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return plain
