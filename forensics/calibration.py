@@ -94,9 +94,16 @@ def fit_normaliser(
     )
 
 
-def normalise(x: jax.Array, norm: Normaliser, min_count: int = 2) -> jax.Array:
-    """z [E, T, N] of ``x`` [E, T, N]; steps with < ``min_count`` clean episodes get z = 0."""
+def normalise(
+    x: jax.Array, norm: Normaliser, valid: jax.Array | None = None, min_count: int = 2
+) -> jax.Array:
+    """z [E, T, N] of ``x`` [E, T, N]; z = 0 at invalid steps and at steps with < ``min_count``
+    clean episodes. A NaN/inf at a valid step is an error, never a silent "no flag"."""
     _check_stat(x, "scores")
+    valid = _valid_or_all(x, valid)
+    bad = int(jnp.sum(~jnp.isfinite(x) & valid[..., None]))
+    if bad:
+        raise ValueError(f"scores: {bad} NaN/inf values at valid steps")
     t_cal, n_cal = norm.mu.shape
     if x.shape[1] > t_cal or x.shape[2] != n_cal:
         raise ValueError(
@@ -105,7 +112,8 @@ def normalise(x: jax.Array, norm: Normaliser, min_count: int = 2) -> jax.Array:
     t = x.shape[1]
     dev = x - norm.mu[:t]
     z = (jnp.abs(dev) if norm.two_sided else dev) / norm.sigma[:t]
-    return jnp.where((norm.count[:t] >= min_count)[:, None], z, 0.0)
+    ok = (norm.count[:t] >= min_count)[None, :, None] & valid[..., None]
+    return jnp.where(ok, z, 0.0)
 
 
 def paper_calibration(clean: jax.Array, k: float, valid: jax.Array | None = None) -> Calibration:
@@ -175,8 +183,8 @@ def budget_calibration(
             f"to fit μ, σ and ≥ {need} to set a {method} threshold at α = {alpha}"
         )
     norm = fit_normaliser(clean[:n_fit], valid[:n_fit], two_sided=two_sided)
-    z = normalise(clean[n_fit:], norm)
     v = valid[n_fit:]
+    z = normalise(clean[n_fit:], norm, v)
     m = debounced_max(z, v, debounce)  # [n, N]
     budget = math.floor(level * (n_thr + 1) + 1e-9) - 1  # largest F with (F + 1)/(n + 1) ≤ level
     threshold = _threshold_at_budget(m, budget, joint=method == "joint")

@@ -107,3 +107,8 @@ def test_bad_calibration_input_raises_clear_errors():
     norm = fit_normaliser(clean)
     with pytest.raises(ValueError, match="not covered by the calibration"):
         normalise(jnp.zeros((2, 30, 3)), norm)
+    with pytest.raises(ValueError, match="1 NaN/inf values at valid steps"):
+        normalise(clean.at[3, 4, 1].set(jnp.inf), norm)
+    padded = clean.at[3, 20:].set(jnp.nan)  # NaN only after episode 3 ended: fine
+    valid = jnp.ones(clean.shape[:2], bool).at[3, 20:].set(False)
+    assert float(jnp.abs(normalise(padded, norm, valid)[3, 20:]).max()) == 0.0
