@@ -40,7 +40,7 @@ import optax
 from flax import struct
 
 from agents import replay
-from agents.networks import Actor, Critic, init_stacked
+from agents.networks import ACTIVATIONS, Actor, Critic, init_stacked
 from agents.trainer import Trainer
 from envs.base import EnvSpec, MultiAgentEnv
 
@@ -54,6 +54,8 @@ class MaddpgConfig:
 
     actor_hidden: tuple[int, ...] = (64, 64)
     critic_hidden: tuple[int, ...] = (64, 64)
+    # Smooth by default: Stage 2 needs the critic's curvature in the actions (networks.py).
+    activation: str = "silu"
     lr_actor: float = 1e-2
     lr_critic: float = 1e-2
     gamma: float = 0.95
@@ -107,6 +109,7 @@ class MaddpgConfig:
             ("logit_reg", self.logit_reg >= 0, ">= 0"),
             ("actor_hidden", all(w >= 1 for w in self.actor_hidden), "positive widths"),
             ("critic_hidden", all(w >= 1 for w in self.critic_hidden), "positive widths"),
+            ("activation", self.activation in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -116,6 +119,10 @@ class MaddpgConfig:
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Convert a config value to the type of the field's default, or raise naming it."""
     try:
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise TypeError
+            return value
         if isinstance(default, tuple):
             if isinstance(value, str | bytes):
                 raise TypeError
@@ -144,8 +151,9 @@ def build_networks(spec: EnvSpec, cfg: MaddpgConfig) -> tuple[Actor, Critic]:
         discrete=spec.discrete,
         action_low=spec.action_low,
         action_high=spec.action_high,
+        activation=cfg.activation,
     )
-    return actor, Critic(hidden=cfg.critic_hidden)
+    return actor, Critic(hidden=cfg.critic_hidden, activation=cfg.activation)
 
 
 def apply_actors(actor: Actor, actor_params: Params, obs: jax.Array) -> jax.Array:

@@ -15,23 +15,37 @@ Conventions shared by training, attacks and forensics:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# Hidden-layer nonlinearities by config name. Stage 2 differentiates critics twice in the
+# actions, and a ReLU network is piecewise linear there: its Hessian is exactly zero almost
+# everywhere, so the directional curvature D_ij the traceback relies on would vanish. Critics
+# meant for forensics therefore use a smooth activation (SiLU behaves like ReLU but is C^∞).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "tanh": nn.tanh,
+    "softplus": nn.softplus,
+    "gelu": nn.gelu,
+}
+
 
 class MLP(nn.Module):
-    """ReLU MLP with a linear head of ``out_dim`` units."""
+    """MLP with ``activation`` hidden layers and a linear head of ``out_dim`` units."""
 
     hidden: Sequence[int]
     out_dim: int
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
         for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
+            x = act(nn.Dense(width)(x))
         return nn.Dense(self.out_dim)(x)
 
 
@@ -43,10 +57,11 @@ class Actor(nn.Module):
     discrete: bool
     action_low: float = 0.0
     action_high: float = 1.0
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
-        out = MLP(self.hidden, self.action_dim)(obs)
+        out = MLP(self.hidden, self.action_dim, self.activation)(obs)
         if self.discrete:
             return out
         return self.action_low + (self.action_high - self.action_low) * nn.sigmoid(out)
@@ -56,11 +71,12 @@ class Critic(nn.Module):
     """Centralised critic Q_j(o_1..o_N, a_1..a_N) → scalar."""
 
     hidden: Sequence[int]
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, obs: jax.Array, act: jax.Array) -> jax.Array:
         x = jnp.concatenate([obs.reshape(-1), act.reshape(-1)])
-        return MLP(self.hidden, 1)(x)[0]
+        return MLP(self.hidden, 1, self.activation)(x)[0]
 
 
 def init_stacked(module: nn.Module, key: jax.Array, num_agents: int, *example) -> dict:
