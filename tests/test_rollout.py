@@ -11,7 +11,7 @@ import pytest
 
 from agents import attacks
 from agents import rollout as R
-from agents.attacks import START_MODES, Attack, Team
+from agents.attacks import Attack, Team
 from agents.networks import Actor, Critic, init_stacked
 from envs import make_env
 
@@ -171,21 +171,26 @@ def test_stuck_actuator_repeats_the_onset_action():
     assert int(ep.active[3].sum()) == 3  # the window is cut at the episode end
 
 
-def test_continuous_protocol_and_obs_attack():
+def test_continuous_obs_attack_stays_in_the_ball_on_the_victim_only():
     env, team, ap, cp = setup(True)
-    attack = Attack(name="obs_pgd", epsilon=0.05, steps=3, step_size=0.02, start="uniform")
-    protocol = R.make_protocol(env, team, attack)
-    chunk = protocol(ap, cp, np.arange(2))
-    ep = chunk.attacked
-    assert ep.actions.shape == (2, N * (N - 1), 25, N, 5) and ep.actions.dtype == jnp.float32
+    rollout = R.make_rollout(
+        env, team, Attack(name="obs_pgd", epsilon=0.05, steps=3, step_size=0.02)
+    )
+    target = attacks.Target(
+        victim=jnp.array([0, 2], jnp.int32),
+        observed=jnp.array([1, 0], jnp.int32),
+        start=jnp.array([2, 15], jnp.int32),
+        window=jnp.array([5, 5], jnp.int32),
+    )
+    ep = rollout(ap, cp, R.seed_keys(np.arange(2)), target)
+    assert ep.actions.shape == (2, 25, N, 5) and ep.actions.dtype == jnp.float32
     assert float(ep.actions.min()) >= 0.0 and float(ep.actions.max()) <= 1.0
-    gap = np.abs(np.asarray(ep.obs_perceived - ep.obs_true)).max(-1)  # [S, M, T, N]
-    victim_mask = np.arange(N) == np.asarray(ep.target.victim)[..., None, None]
+    gap = np.abs(np.asarray(ep.obs_perceived - ep.obs_true)).max(-1)  # [B, T, N]
+    victim_mask = np.arange(N) == np.asarray(target.victim)[:, None, None]
     assert np.all(gap[~(np.asarray(ep.active)[..., None] & victim_mask)] == 0)
     assert gap.max() <= 0.05 + 1e-6 and gap.max() > 0
-    assert [START_MODES[c] for c in set(chunk.start_class.ravel().tolist())] == ["uniform"]
     with pytest.raises(ValueError, match="attack.name: 'obs_pgd' .* needs a Q critic"):
-        protocol(ap, None, np.arange(2))
+        rollout(ap, None, R.seed_keys(np.arange(2)), target)
 
 
 def test_efficacy_table_on_known_returns():
