@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from envs.base import EnvSpec
+from forensics.stage2 import critic_geometry
 
 Params = Any  # a flax params pytree; "stacked" means every leaf has a leading agent axis N
 
@@ -379,30 +380,13 @@ def influence_geometry(
     obs: jax.Array,
     critic_act: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """G[t, j, i] = ‖g‖ and D[t, j, i] = gᵀ H g, g = ∇_{a_i}(−Q_j), H = ∇²_{a_i}(−Q_j).
+    """G[t, j, i] = ‖∇_{a_i} Q_j‖ and D[t, j, i] = gᵀHg of −Q_j in a_i, for one clean episode.
 
-    Index order [T, N(j), N(i)] (influenced j, influencer i) as in ``forensics.stage2``.
-
-    obs [T, N, O], critic_act [T, N, A] from a clean episode. H g is one Hessian-vector
-    product (forward-over-reverse: the JVP of ∇(−Q_j) along g placed in a_i's block).
+    obs [T, N, O], critic_act [T, N, A]; index order [T, N(j), N(i)]. A thin view of
+    ``forensics.stage2.critic_geometry`` (one home for the HVP machinery).
     """
-    n = obs.shape[1]
-
-    def per_step_critic(
-        o: jax.Array, a: jax.Array, params_j: Params
-    ) -> tuple[jax.Array, jax.Array]:
-        grad_fn = jax.grad(lambda x: -critic_apply(params_j, o, x))
-        g = grad_fn(a)  # [N, A]: row i is ∇_{a_i}(−Q_j)
-
-        def curvature(i: jax.Array) -> jax.Array:
-            v = jnp.zeros_like(a).at[i].set(g[i])
-            hv = jax.jvp(grad_fn, (a,), (v,))[1]
-            return jnp.vdot(v, hv)
-
-        return jnp.linalg.norm(g, axis=-1), jax.vmap(curvature)(jnp.arange(n))
-
-    over_j = jax.vmap(per_step_critic, in_axes=(None, None, 0))  # → [N(j), N(i)]
-    return jax.vmap(over_j, in_axes=(0, 0, None))(obs, critic_act, critic_params)
+    geo = critic_geometry(critic_apply, critic_params, obs[None], critic_act[None])
+    return geo.G[0], geo.D[0]
 
 
 def search_steps(attack: Attack, episode_length: int) -> int:
