@@ -11,7 +11,7 @@ import importlib
 
 import typer
 
-SUBCOMMANDS = ("train", "evaluate_policy")
+SUBCOMMANDS = ("train", "evaluate_policy", "rollout")
 
 HELP = """Failure forensics for cooperative multi-agent RL.
 

@@ -113,6 +113,28 @@ def _progress(console: Console, enabled: bool) -> Progress:
     )
 
 
+def _initial_state(
+    trainer: Trainer, mngr: Any, meta: Mapping[str, Any] | None, seed: int
+) -> tuple[Any, int]:
+    """(train state, chunks done): restored from the newest checkpoint, else fresh."""
+    init_key = jax.random.PRNGKey(seed)
+    if meta is None:  # jitted: one (persistently cached) compile, not op-by-op dispatch
+        return jax.jit(trainer.init)(init_key), 0
+    abstract = jax.eval_shape(trainer.init, init_key)
+    return checkpoint.restore_state(mngr, abstract), meta["chunk"]
+
+
+def _chunk_record(chunk: int, per_chunk: int, metrics: Mapping[str, Any], wall: float) -> dict:
+    """One metrics.jsonl line: counters, the trainer's chunk metrics, throughput."""
+    return {
+        "chunk": chunk,
+        "env_steps": chunk * per_chunk,
+        **{k: v for k, v in _to_json(metrics).items() if k != "env_steps"},
+        "env_steps_per_s": per_chunk / wall,
+        "wall_s": wall,
+    }
+
+
 def _chunk_line(record: Mapping[str, Any]) -> str:
     shown = {k: v for k, v in record.items() if k not in ("chunk", "env_steps", "wall_s")}
     body = "  ".join(
@@ -142,12 +164,8 @@ def run(
         checkpoint.check_compatible(meta, config, str(run_dir))
     _write_records(run_dir, config, hydra_record or {})
 
-    init_key = jax.random.PRNGKey(config["seed"])
-    if meta is None:  # jitted: one (persistently cached) compile instead of op-by-op dispatch
-        state, chunk = jax.jit(trainer.init)(init_key), 0
-    else:
-        state = checkpoint.restore_state(mngr, jax.eval_shape(trainer.init, init_key))
-        chunk = meta["chunk"]
+    state, chunk = _initial_state(trainer, mngr, meta, config["seed"])
+    if meta is not None:
         console.print(f"Resuming {run_dir} from env step {meta['env_steps']:,} (chunk {chunk})")
     metrics_path = run_dir / METRICS_FILE
     _truncate_metrics(metrics_path, chunk)
@@ -160,16 +178,9 @@ def run(
         while chunk < total_chunks:
             start = time.perf_counter()
             state, metrics = trainer.train_chunk(state)
-            record = _to_json(metrics)  # device_get waits for the chunk to finish
-            wall = time.perf_counter() - start
+            jax.block_until_ready(metrics)
             chunk += 1
-            record = {
-                "chunk": chunk,
-                "env_steps": chunk * per_chunk,
-                **{k: v for k, v in record.items() if k != "env_steps"},
-                "env_steps_per_s": per_chunk / wall,
-                "wall_s": wall,
-            }
+            record = _chunk_record(chunk, per_chunk, metrics, time.perf_counter() - start)
             log.write(json.dumps(record) + "\n")
             log.flush()
             progress.console.print(_chunk_line(record))
