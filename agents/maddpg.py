@@ -29,7 +29,6 @@ over steps) into the replay buffer, then runs ``updates_per_iteration`` gradient
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -41,7 +40,7 @@ from flax import struct
 
 from agents import replay
 from agents.networks import ACTIVATIONS, Actor, Critic, init_stacked
-from agents.trainer import Trainer
+from agents.trainer import Trainer, parse_algo_config
 from envs.base import EnvSpec, MultiAgentEnv
 
 Params = Any
@@ -74,21 +73,7 @@ class MaddpgConfig:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> MaddpgConfig:
         """Parse and validate ``algo_cfg``; errors name the field (``algo.<field>``)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - set(fields) - {"name"})
-        if unknown:
-            raise ValueError(
-                f"algo.{unknown[0]}: unknown MADDPG setting; expected one of {sorted(fields)}"
-            )
-        values = {}
-        for name, value in cfg.items():
-            if name == "name":
-                continue
-            default = getattr(cls, name)
-            values[name] = _coerce(name, value, default)
-        config = cls(**values)
-        config.validate()
-        return config
+        return parse_algo_config(cls, cfg, "MADDPG")
 
     def validate(self) -> None:
         """Raise ``ValueError('algo.<field> must be ..., got ...')`` on the first bad value."""
@@ -114,32 +99,6 @@ class MaddpgConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"algo.{name} must be {expected}, got {getattr(self, name)!r}")
-
-
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Convert a config value to the type of the field's default, or raise naming it."""
-    try:
-        if isinstance(default, str):
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-        if isinstance(default, tuple):
-            if isinstance(value, str | bytes):
-                raise TypeError
-            out = tuple(value)  # list, tuple or an OmegaConf ListConfig
-            if not all(isinstance(w, int) and not isinstance(w, bool) for w in out):
-                raise TypeError
-            return out
-        if isinstance(value, bool):
-            raise TypeError
-        if isinstance(default, int):
-            if not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
-                raise TypeError
-            return int(value)
-        return float(value)
-    except (TypeError, ValueError):
-        kind = "a list of ints" if isinstance(default, tuple) else type(default).__name__
-        raise ValueError(f"algo.{name} must be {kind}, got {value!r}") from None
 
 
 # --------------------------------------------------------------------- networks & actions

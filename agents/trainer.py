@@ -12,12 +12,16 @@ checkpoint can be reloaded for evaluation without rebuilding the optimiser.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 
 TrainState = Any  # a flax.struct pytree owned by the algorithm
+ConfigT = TypeVar("ConfigT")
+
+ALGORITHMS = ("maddpg", "hatrpo")
 
 
 class Trainer(NamedTuple):
@@ -33,4 +37,55 @@ def make_trainer(algo_name: str, env: Any, algo_cfg: Mapping[str, Any]) -> Train
         from agents import maddpg
 
         return maddpg.make_trainer(env, algo_cfg)
-    raise ValueError(f"algo.name: unknown algorithm {algo_name!r}; expected one of: maddpg")
+    if algo_name == "hatrpo":
+        from agents import hatrpo
+
+        return hatrpo.make_trainer(env, algo_cfg)
+    raise ValueError(
+        f"algo.name: unknown algorithm {algo_name!r}; expected one of: {', '.join(ALGORITHMS)}"
+    )
+
+
+def parse_algo_config(cls: type[ConfigT], cfg: Mapping[str, Any], label: str) -> ConfigT:
+    """The frozen dataclass ``cls`` from ``algo_cfg`` (``name`` ignored), each value coerced to
+    its field default's type, then ``validate()``-d; errors name the field (``algo.<field>``)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - fields - {"name"})
+    if unknown:
+        raise ValueError(
+            f"algo.{unknown[0]}: unknown {label} setting; expected one of {sorted(fields)}"
+        )
+    values = {
+        name: coerce_field(name, value, getattr(cls, name))
+        for name, value in cfg.items()
+        if name != "name"
+    }
+    config = cls(**values)
+    config.validate()
+    return config
+
+
+def coerce_field(name: str, value: Any, default: Any) -> Any:
+    """Convert a config value to the type of the field's default, or raise naming it."""
+    try:
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if isinstance(default, tuple):
+            if isinstance(value, str | bytes):
+                raise TypeError
+            out = tuple(value)  # list, tuple or an OmegaConf ListConfig
+            if not all(isinstance(w, int) and not isinstance(w, bool) for w in out):
+                raise TypeError
+            return out
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(default, int):
+            if not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+                raise TypeError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        kind = "a list of ints" if isinstance(default, tuple) else type(default).__name__
+        raise ValueError(f"algo.{name} must be {kind}, got {value!r}") from None
