@@ -11,7 +11,17 @@ and the Taylor remainder of a probe η is
 
   L_i^t(η) = J_i(o + η, τ) − J_i(o, τ) − ∇_o J_i(o, τ)ᵀ η   ≈ ½ ηᵀ ∇²_o J_i η   (‖η‖ → 0).
 
+Target (``Stage1Config.target``): ``"greedy"`` is the method's τ above (the paper's code);
+``"taken"`` holds τ at the action the log says the agent took — the cost of the committed
+action. The two agree wherever the agent acted greedily on o, so clean episodes score alike,
+while an agent whose action disagrees with its own policy at o (a worst-action attack, a stuck
+actuator, corrupted weights, an observation attack when o is the true observation) pays
+−log π(a_taken | o) at once.
+
 Probes (``Stage1Config.probe``):
+
+* ``"cost"`` — no probe: the statistic is J_i(o, τ) itself, the order-0 term of the expansion
+  (with ``target="taken"``: the log-likelihood surprise of the logged action).
 
 * ``"paper"`` — the paper's code: g = ∇_o log π_i(a* | o) (= −∇_o J), a* the greedy action,
   η = ε · sign(g) / max(‖g‖₂, 1e-6), ε = 0.01; raw statistic |L(η)| (not divided by ε², so it
@@ -64,7 +74,7 @@ class Stage1Config:
     """Static Stage-1 settings (hashable: a jit static argument)."""
 
     discrete: bool = True
-    probe: str = "paper"  # "paper" | "curvature"
+    probe: str = "paper"  # "paper" | "curvature" | "cost" (J(o, τ) itself, no probe)
     eps: float = 0.01
     gradient_probe: bool = True  # curvature probe: include ε·g/‖g‖
     num_random: int = 0  # curvature probe: random directions of norm ε
@@ -72,11 +82,17 @@ class Stage1Config:
     sigma: float = 1.0  # continuous cost scale σ
     power_iters: int = 8  # continuous: power-iteration steps for the worst direction
     exact_quadratic: bool = False  # curvature probe: ½|vᵀ∇²J v| instead of |L(εv)|/ε²
+    target: str = "greedy"  # τ: "greedy" (the paper: argmax at o) | "taken" (the logged action)
 
     def __post_init__(self) -> None:
-        if self.probe not in ("paper", "curvature"):
+        if self.probe not in ("paper", "curvature", "cost"):
             raise ValueError(
-                f"forensics.stage1.probe: expected 'paper' or 'curvature', got {self.probe!r}"
+                "forensics.stage1.probe: expected 'paper', 'curvature' or 'cost', "
+                f"got {self.probe!r}"
+            )
+        if self.target not in ("greedy", "taken"):
+            raise ValueError(
+                f"forensics.stage1.target: expected 'greedy' or 'taken', got {self.target!r}"
             )
         if self.probe == "curvature" and not self.gradient_probe and self.num_random < 1:
             raise ValueError(
@@ -174,10 +190,17 @@ def _agent_step_score(
     params: Any,
     obs: jax.Array,
     avail: jax.Array,
+    action: jax.Array,
 ) -> jax.Array:
-    """Stage-1 statistic of one agent at one step (o [O], avail [A]) → scalar."""
-    tau = commitment_target(actor_apply, params, obs, avail, cfg.discrete)
+    """Stage-1 statistic of one agent at one step (o [O], avail [A], the logged action: an
+    index or an [A] vector, read only when ``cfg.target == "taken"``) → scalar."""
+    if cfg.target == "taken":
+        tau = jax.nn.one_hot(action, avail.shape[-1]) if cfg.discrete else action
+    else:
+        tau = commitment_target(actor_apply, params, obs, avail, cfg.discrete)
     cost = lambda o: commitment_cost(actor_apply, params, o, tau, avail, cfg.discrete, cfg.sigma)
+    if cfg.probe == "cost":  # the expansion's order-0 term: J(o, τ) itself
+        return cost(obs)
     if cfg.discrete:
         g = -jax.grad(cost)(obs)  # ∇_o log π(a*|o)
     else:
@@ -222,13 +245,16 @@ def stage1_scores(
     obs: jax.Array,
     avail: jax.Array | None = None,
     key: jax.Array | None = None,
+    actions: jax.Array | None = None,
     *,
     cfg: Stage1Config,
 ) -> Stage1Scores:
     """Stage-1 statistic for every (episode, step, agent) in one jitted call.
 
     actor_params: stacked (leaf axis 0 = agent); obs [E, T, N, O]; avail [E, T, N, A] bool or
-    None (all legal); key: PRNG key for the random probes (needed iff cfg.num_random > 0).
+    None (all legal); key: PRNG key for the random probes (needed iff cfg.num_random > 0);
+    actions [E, T, N] (discrete) or [E, T, N, A]: the logged actions, needed iff
+    cfg.target == "taken" (τ = the action the agent actually committed to).
     Returns raw [E, T, N] and its causal rolling mean over cfg.window steps.
     """
     if obs.ndim != 4:
@@ -238,14 +264,18 @@ def stage1_scores(
             actor_apply, jax.tree.map(lambda p: p[0], actor_params), obs[0, 0, 0]
         ).shape[-1]
         avail = jnp.ones(obs.shape[:3] + (n_act,), bool)
+    if actions is None:
+        if cfg.target == "taken":
+            raise ValueError("forensics.stage1.target=taken needs the logged actions")
+        actions = jnp.zeros(obs.shape[:3], jnp.int32)
     dirs = random_probe_directions(
         key, cfg.num_random if cfg.probe == "curvature" else 0, obs.shape[-1]
     )
     score = partial(_agent_step_score, actor_apply, cfg, dirs)
-    per_agents = jax.vmap(score, in_axes=(0, 0, 0))  # agents: own params, obs, avail
-    per_steps = jax.vmap(per_agents, in_axes=(None, 0, 0))
-    per_episodes = jax.vmap(per_steps, in_axes=(None, 0, 0))
-    raw = per_episodes(actor_params, obs, avail)
+    per_agents = jax.vmap(score, in_axes=(0, 0, 0, 0))  # agents: own params, obs, avail, act
+    per_steps = jax.vmap(per_agents, in_axes=(None, 0, 0, 0))
+    per_episodes = jax.vmap(per_steps, in_axes=(None, 0, 0, 0))
+    raw = per_episodes(actor_params, obs, avail, actions)
     return Stage1Scores(raw=raw, smooth=rolling_mean(raw, cfg.window, axis=1))
 
 

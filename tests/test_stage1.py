@@ -95,6 +95,34 @@ def test_vectorised_paper_score_matches_per_sample_reference():
     assert ref.std() > 0  # agents and steps really differ
 
 
+def test_cost_of_the_taken_action_is_its_surprise_and_greedy_logs_match_the_paper_target():
+    """probe=cost, target=taken: J = −log π(a_taken|o); on greedy logs it equals target=greedy,
+    and the agent whose logged action is its policy's worst pays the most."""
+    actor, params = _actor(True), _stacked(True)
+    obs = jax.random.normal(jax.random.PRNGKey(5), (2, 3, N, OBS))
+    logits = jax.vmap(
+        jax.vmap(jax.vmap(actor.apply, in_axes=(0, 0)), in_axes=(None, 0)), in_axes=(None, 0)
+    )(params, obs)  # [E, T, N, A]
+    greedy, worst = jnp.argmax(logits, -1), jnp.argmin(logits, -1)
+    taken = greedy.at[:, 1, 2].set(worst[:, 1, 2])  # agent 2 acts worst at step 1
+    cost = partial(stage1_scores, actor.apply, params, obs, cfg=Stage1Config(probe="cost"))
+    as_greedy = cost()
+    as_taken = stage1_scores(
+        actor.apply, params, obs, None, None, taken, cfg=Stage1Config(probe="cost", target="taken")
+    )
+    logp = jax.nn.log_softmax(logits)
+    expected = -jnp.take_along_axis(logp, taken[..., None], -1)[..., 0]
+    np.testing.assert_allclose(as_taken.raw, expected, rtol=1e-5, atol=1e-6)
+    same = np.ones((2, 3, N), bool)
+    same[:, 1, 2] = False
+    np.testing.assert_allclose(
+        np.asarray(as_taken.raw)[same], np.asarray(as_greedy.raw)[same], rtol=1e-5, atol=1e-6
+    )
+    assert (as_taken.raw[:, 1, 2] > as_greedy.raw[:, 1, 2] + 1e-3).all()
+    with pytest.raises(ValueError, match="target=taken needs the logged actions"):
+        stage1_scores(actor.apply, params, obs, cfg=Stage1Config(target="taken"))
+
+
 def test_random_probes_average_to_trace_of_curvature():
     """Mean |L|/ε² over many random unit probes → ½ tr(∇²J)/O (∇²J is PSD for a ReLU actor).
 

@@ -1,0 +1,438 @@
+"""``forensics evaluate``: diagnoses + ground truth → the accuracy table.
+
+Ground truth enters here and only here: ``diagnose`` decides without it, ``evaluate`` joins
+each verdict with its store's ground truth (``EpisodeStore.ground_truth``) by episode id.
+
+Per attacked episode with victim v, attack start s and a calibration's candidate c detected at
+t_det (−1 = never):
+
+  stage-1 correct     c = v and t_det ≥ s  (a flag before the attack is a *threshold failure*,
+                      no flag a *miss*; neither is correct whoever the flag names)
+  deployable correct  the deployable Patient-0 = v and t_det ≥ s
+  stage-2 (always)    the paper's traceback head = v and t_det ≥ s, on every episode
+  oracle-gated        the paper's protocol: v among the earliest-flagged agents and t_det ≥ s;
+                      otherwise, and *only because the ground truth says Stage 1 was wrong*, the
+                      traceback head = v. Not deployable: reported for comparison only.
+  downstream-first    t_det ≥ s and c ≠ v (a non-attacked agent was flagged first)
+  fixed / broke       Stage 1 wrong → deployable right / Stage 1 right → deployable wrong
+  delay               t_det − s over the episodes detected at or after s
+  baselines           the reward-drop and action-deviation detectors (same α-budget
+                      calibration on the same clean episodes) judged like Stage 1; chance = 1/N
+  false-alarm rate    share of the scored store's clean episodes with any confirmed flag
+
+Table-2 analogue (per attack, over the (seed, victim, observed) pairs recorded with both a
+high- and a low-influence onset): share of pairs where the high-influence episode scores at
+least as high as the low-influence one on the victim's instability occupancy (share of the
+attack window's steps with z above the watch level), the observed agent's Q-drop (mean over
+the attack window of Q_j in the counterfactual minus Q_j attacked) and the team reward drop
+(counterfactual minus attacked return from the onset on).
+
+Interventional check: the counterfactual of an attacked episode is the episode with the
+attack removed and every random stream kept (``agents.rollout.counterfactual``); the store's
+clean episode with the same replay key is exactly that episode, so no re-simulation is needed.
+An agent *diverged* if its action differs from the counterfactual at some step
+(``agents.rollout.divergence``). Against the agents the diagnosis calls infected: precision,
+recall, and whether the deployable Patient-0 is among the first agents to diverge.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from forensics.diagnose import CALIBRATIONS, SCORES_FILE, SUMMARY_FILE, VERDICTS_FILE
+from forensics.store import EpisodeStore, StoreError, open_store
+
+GROUP = ("env", "algo", "N", "attack", "influence", "calibration")
+ORACLE_LABEL = "oracle-gated (paper; uses ground truth)"
+
+# column → (markdown header, description); the table's order
+COLUMNS: dict[str, tuple[str, str]] = {
+    "episodes": ("episodes", "attacked episodes in the row"),
+    "deployable_acc": (
+        "deployable",
+        "Patient-0 accuracy of Stage 1 + the calibrated Stage 2 (no ground truth used)",
+    ),
+    "deployable_ci95": ("± 95 %", "normal-approximation half-width of the deployable accuracy"),
+    "stage1_acc": ("stage 1", "Stage-1 candidate alone"),
+    "stage2_acc": ("stage 2 always", "the paper's traceback applied to every episode"),
+    "oracle_gated_acc": (
+        ORACLE_LABEL,
+        "the paper's protocol: Stage 2 only on episodes the "
+        "ground truth says Stage 1 got wrong; Stage 1 counted right when the "
+        "victim is among the earliest flagged",
+    ),
+    "downstream_first": (
+        "downstream-first",
+        "share flagged after the onset with a non-victim first",
+    ),
+    "fixed": ("fixed", "share where the deployable rule turned a wrong Stage 1 right"),
+    "broke": ("broke", "share where it turned a right Stage 1 wrong"),
+    "threshold_failures": ("threshold fail", "share with the first flag before the attack"),
+    "misses": ("misses", "share with no flag at all"),
+    "delay": ("delay", "mean steps from attack start to detection (detected at/after start)"),
+    "fpr_clean": ("FPR clean", "share of clean episodes of the store with any flag"),
+    "reward_acc": ("reward-drop", "baseline: earliest reward-drop flag (α-budget)"),
+    "actdev_acc": ("action-dev", "baseline: earliest action-deviation z flag (α-budget)"),
+    "chance": ("chance", "1/N"),
+    "io_high_ge_low": ("IO hi≥lo", "Table 2: share of pairs, instability occupancy"),
+    "qdrop_high_ge_low": ("Q-drop hi≥lo", "Table 2: share of pairs, observed agent's Q-drop"),
+    "rdrop_high_ge_low": ("R-drop hi≥lo", "Table 2: share of pairs, team reward drop"),
+    "pairs": ("pairs", "Table 2: (seed, victim, observed) pairs with both onsets"),
+    "infected_precision": ("infected prec", "interventional: infected agents that diverged"),
+    "infected_recall": ("infected rec", "interventional: diverged agents called infected"),
+    "p0_first_diverged": (
+        "P0 first div",
+        "interventional: deployable Patient-0 among the first agents to diverge",
+    ),
+}
+
+
+class Diagnosis(NamedTuple):
+    path: Path
+    summary: dict[str, Any]
+    verdicts: pd.DataFrame
+    scores: dict[str, np.ndarray]
+
+
+def load_diagnosis(diag_dir: str | Path) -> Diagnosis:
+    """A ``forensics diagnose`` output directory (one-line error if incomplete)."""
+    d = Path(diag_dir)
+    for name in (SUMMARY_FILE, VERDICTS_FILE, SCORES_FILE):
+        if not (d / name).is_file():
+            raise FileNotFoundError(
+                f"{d}: no {name}; expected a `forensics diagnose` output directory"
+            )
+    summary = json.loads((d / SUMMARY_FILE).read_text())
+    with np.load(d / SCORES_FILE) as f:
+        scores = {k: f[k] for k in f.files}
+    return Diagnosis(d, summary, pd.read_parquet(d / VERDICTS_FILE), scores)
+
+
+def _store_of(diag: Diagnosis) -> EpisodeStore:
+    store = open_store(diag.summary["store"]["path"], on_corrupt="skip")
+    if store.meta.checkpoint["sha256"] != diag.summary["checkpoint"]["sha256"]:
+        raise StoreError(
+            f"{diag.path}: its store {store.path} now holds another checkpoint's episodes"
+        )
+    return store
+
+
+# --------------------------------------------------------------------------- per episode
+
+
+class Counterfactual(NamedTuple):
+    """Per requested episode (in request order); rows without a clean partner are NaN/−1."""
+
+    partner: np.ndarray  # [E] episode id of the clean partner, −1 if the store has none
+    div_action: np.ndarray  # [E, N] first step its action differs (T = never)
+    team_attacked: np.ndarray  # [E, T] Σ_i r_i^t of the episode
+    team_clean: np.ndarray  # [E, T] the same in the counterfactual
+
+
+def counterfactuals(store: EpisodeStore, episode_ids: np.ndarray) -> Counterfactual:
+    """Pair each episode with the clean episode of the same replay key (its counterfactual)
+    and measure the divergence and the team rewards of both."""
+    import jax.numpy as jnp
+
+    from agents import rollout as R
+
+    is_clean = store.ground_truth().set_index("episode_id")["clean"]
+    fields = ["episode_id", "replay_key", "actions", "obs_true", "rewards", "valid"]
+    clean: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    for b in store.iter_batches(fields, 1024):
+        for e in np.flatnonzero(is_clean.loc[b["episode_id"]].to_numpy()):
+            clean[tuple(b["replay_key"][e].tolist())] = {k: b[k][e] for k in fields}
+    position = pd.Index(np.asarray(episode_ids))
+    spec = store.meta.env
+    t_len, n = spec["episode_length"], spec["num_agents"]
+    out = Counterfactual(
+        np.full(len(position), -1),
+        np.full((len(position), n), t_len),
+        np.full((len(position), t_len), np.nan),
+        np.full((len(position), t_len), np.nan),
+    )
+    as_episode = lambda x: R.Episode(  # divergence reads obs_true, actions and rewards only
+        obs_true=jnp.asarray(x["obs_true"]),
+        obs_perceived=None,
+        actions=jnp.asarray(x["actions"]),
+        clean_actions=None,
+        critic_actions=None,
+        rewards=jnp.asarray(x["rewards"]),
+        avail=None,
+        done=None,
+        active=None,
+        key=None,
+        target=None,
+    )
+    team = lambda x: (x["rewards"] * x["valid"][..., None]).sum(-1)
+    for b in store.iter_batches(fields, 1024):
+        rows = position.get_indexer(b["episode_id"])
+        partners = [clean.get(tuple(k.tolist())) for k in b["replay_key"]]
+        keep = (rows >= 0) & np.asarray([p is not None for p in partners])
+        if not keep.any():
+            continue
+        b = {k: v[keep] for k, v in b.items()}
+        ref = {
+            k: np.stack([p[k] for p, ok in zip(partners, keep, strict=True) if ok]) for k in fields
+        }
+        r = rows[keep]
+        out.partner[r] = ref["episode_id"]
+        out.div_action[r] = np.asarray(R.divergence(as_episode(b), as_episode(ref)).action)
+        out.team_attacked[r] = team(b)
+        out.team_clean[r] = team(ref)
+    return out
+
+
+def _row_of(ids: np.ndarray) -> dict[int, int]:
+    return {int(i): r for r, i in enumerate(ids)}
+
+
+def episode_table(diag: Diagnosis) -> pd.DataFrame:
+    """One row per (attacked or clean episode, calibration): verdicts, ground truth, outcomes."""
+    store = _store_of(diag)
+    gt = store.ground_truth()
+    v = diag.verdicts.merge(gt.drop(columns=["seed"]), on="episode_id", how="left")
+    if v["clean"].isna().any():
+        raise StoreError(f"{diag.path}: verdicts name episodes that store {store.path} lacks")
+    s = diag.scores
+    row = _row_of(s["episode_id"])
+    idx = np.asarray([row[int(i)] for i in v["episode_id"]])
+    n_agents = int(diag.summary["env"]["num_agents"])
+    attacked = ~v["clean"].to_numpy(bool)
+    cf = counterfactuals(store, v["episode_id"].to_numpy())
+    victim, start = v["victim"].to_numpy(), v["start"].to_numpy()
+    window = v["window"].to_numpy()
+    t_len = s["q"].shape[1]
+    in_window = (np.arange(t_len)[None] >= start[:, None]) & (
+        np.arange(t_len)[None] < (start + window)[:, None]
+    )  # [E, T]
+    safe_v = np.maximum(victim, 0)
+    frames = []
+    for cal in CALIBRATIONS:
+        f = pd.DataFrame(
+            {
+                "episode_id": v["episode_id"],
+                "seed": v["seed"],
+                "clean": v["clean"],
+                "attack": v["attack"],
+                "influence": v["influence"],
+                "victim": victim,
+                "observed": v["observed"],
+                "start": start,
+                "status": v["status"],
+                "calibration": cal,
+            }
+        )
+        cand, t_det = v[f"{cal}_candidate"].to_numpy(), v[f"{cal}_t_det"].to_numpy()
+        after = (t_det >= 0) & (t_det >= start)
+        agent_t = np.stack(v[f"{cal}_agent_t_det"].to_numpy())  # [E, N]
+        first = np.where(agent_t >= 0, agent_t, np.iinfo(np.int32).max)
+        victim_first = first[np.arange(len(v)), safe_v] == first.min(axis=1)
+        f["any_flag"] = (agent_t >= 0).any(axis=1)
+        f["stage1"] = after & (cand == victim)
+        f["deployable"] = after & (v[f"{cal}_deployable"].to_numpy() == victim)
+        f["stage2"] = after & (v[f"{cal}_stage2"].to_numpy() == victim)
+        lenient = after & victim_first
+        f["oracle_gated"] = lenient | (~lenient & f["stage2"])
+        f["downstream_first"] = after & (cand != victim)
+        f["threshold_failure"] = (t_det >= 0) & (t_det < start)
+        f["miss"] = t_det < 0
+        f["delay"] = np.where(after, t_det - start, np.nan)
+        for base in ("reward", "actdev"):
+            bt = v[f"{base}_t_det"].to_numpy()
+            f[base] = (bt >= 0) & (bt >= start) & (v[f"{base}_candidate"].to_numpy() == victim)
+            f[f"{base}_any_flag"] = bt >= 0
+        z = s[f"z_{cal}"][idx]  # [E, T, N]
+        watch = s[f"{cal}_watch"]
+        above = z[np.arange(len(v)), :, safe_v] > watch[safe_v][:, None]
+        f["io"] = np.where(attacked, (above & in_window).sum(1) / np.maximum(window, 1), np.nan)
+        infected = v[f"{cal}_infected"].to_numpy()
+        f["infected"] = infected
+        f["p0"] = v[f"{cal}_deployable"].to_numpy()
+        frames.append(f)
+    out = pd.concat(frames, ignore_index=True)
+    # calibration-independent: Q-drop and reward drop against the counterfactual
+    q = s["q"][idx]  # [E, T, N]
+    observed = np.maximum(v["observed"].to_numpy(), 0)
+    partner_row = pd.Index(v["episode_id"]).get_indexer(cf.partner)
+    has = attacked & (cf.partner >= 0) & (partner_row >= 0)
+    q_obs = q[np.arange(len(v)), :, observed]  # [E, T] the observed agent's Q
+    partner_q = q[np.maximum(partner_row, 0), :, observed]  # the same agent, counterfactual
+    after_start = np.arange(t_len)[None] >= start[:, None]
+    qdrop = np.sum((partner_q - q_obs) * in_window, 1) / np.maximum(in_window.sum(1), 1)
+    rdrop = np.nansum((cf.team_clean - cf.team_attacked) * after_start, 1)
+    per_episode = pd.DataFrame(
+        {
+            "qdrop": np.where(has, qdrop, np.nan),
+            "rdrop": np.where(has, rdrop, np.nan),
+            "div_action": [
+                d.tolist() if h else None for d, h in zip(cf.div_action, has, strict=True)
+            ],
+        }
+    )
+    out = pd.concat([out, pd.concat([per_episode] * len(CALIBRATIONS), ignore_index=True)], axis=1)
+    out.attrs["num_agents"] = n_agents
+    out.attrs["episode_length"] = t_len
+    return out
+
+
+# --------------------------------------------------------------------------- aggregate
+
+
+def _mean(x: pd.Series) -> float:
+    return float(np.mean(x)) if len(x) else np.nan
+
+
+def _high_ge_low(g: pd.DataFrame, col: str) -> tuple[float, int]:
+    """Share of (seed, victim, observed) pairs with col(high) ≥ col(low), and the pair count."""
+    pivot = g[g["influence"].isin(["high", "low"])].pivot_table(
+        index=["seed", "victim", "observed"], columns="influence", values=col, aggfunc="first"
+    )
+    if not {"high", "low"} <= set(pivot.columns):
+        return np.nan, 0
+    both = pivot[["high", "low"]].dropna()
+    return (float(np.mean(both["high"] >= both["low"])) if len(both) else np.nan), len(both)
+
+
+def _interventional(g: pd.DataFrame, t_len: int) -> dict[str, float]:
+    prec, rec, first = [], [], []
+    for infected, div, p0 in zip(g["infected"], g["div_action"], g["p0"], strict=True):
+        if div is None or not isinstance(div, list | np.ndarray):
+            continue
+        div = np.asarray(div)
+        diverged = set(np.flatnonzero(div < t_len).tolist())
+        called = set(np.asarray(infected).tolist())
+        if called:
+            prec.append(len(called & diverged) / len(called))
+        if diverged:
+            rec.append(len(called & diverged) / len(diverged))
+            first.append(p0 >= 0 and div[p0] == div.min())
+    return {
+        "infected_precision": _mean(pd.Series(prec, dtype=float)),
+        "infected_recall": _mean(pd.Series(rec, dtype=float)),
+        "p0_first_diverged": _mean(pd.Series(first, dtype=float)),
+    }
+
+
+def _row(g: pd.DataFrame, fpr: Mapping[str, float], n_agents: int, t_len: int) -> dict:
+    ok = g[g["status"] == "ok"]
+    n = len(ok)
+    acc = _mean(ok["deployable"])
+    row = {
+        "episodes": n,
+        "deployable_acc": acc,
+        "deployable_ci95": 1.96 * np.sqrt(acc * (1 - acc) / n) if n else np.nan,
+        "stage1_acc": _mean(ok["stage1"]),
+        "stage2_acc": _mean(ok["stage2"]),
+        "oracle_gated_acc": _mean(ok["oracle_gated"]),
+        "downstream_first": _mean(ok["downstream_first"]),
+        "fixed": _mean(~ok["stage1"] & ok["deployable"]),
+        "broke": _mean(ok["stage1"] & ~ok["deployable"]),
+        "threshold_failures": _mean(ok["threshold_failure"]),
+        "misses": _mean(ok["miss"]),
+        "delay": float(ok["delay"].mean()) if ok["delay"].notna().any() else np.nan,
+        "fpr_clean": fpr["stage1"],
+        "reward_acc": _mean(ok["reward"]),
+        "actdev_acc": _mean(ok["actdev"]),
+        "chance": 1.0 / n_agents,
+        "fpr_reward": fpr["reward"],
+        "fpr_actdev": fpr["actdev"],
+    }
+    for col, name in (("io", "io"), ("qdrop", "qdrop"), ("rdrop", "rdrop")):
+        row[f"{name}_high_ge_low"], row["pairs"] = _high_ge_low(ok, col)
+    row.update(_interventional(ok, t_len))
+    return row
+
+
+def metrics_table(episodes: pd.DataFrame, env: str, algo: str) -> pd.DataFrame:
+    """The accuracy table of one diagnosis: a row per attack × influence class × calibration,
+    plus an ``all`` row per attack × calibration."""
+    n_agents = episodes.attrs["num_agents"]
+    t_len = episodes.attrs["episode_length"]
+    rows = []
+    for cal, by_cal in episodes.groupby("calibration", sort=False):
+        clean = by_cal[by_cal["clean"] & (by_cal["status"] == "ok")]
+        fpr = {
+            "stage1": _mean(clean["any_flag"]),
+            "reward": _mean(clean["reward_any_flag"]),
+            "actdev": _mean(clean["actdev_any_flag"]),
+        }
+        hit = by_cal[~by_cal["clean"]]
+        for attack, by_attack in hit.groupby("attack", sort=True):
+            groups = [(c, g) for c, g in by_attack.groupby("influence", sort=True)]
+            for influence, g in [*groups, ("all", by_attack)]:
+                keys = {
+                    "env": env,
+                    "algo": algo,
+                    "N": n_agents,
+                    "attack": attack,
+                    "influence": influence,
+                    "calibration": cal,
+                }
+                rows.append({**keys, **_row(g, fpr, n_agents, t_len)})
+        if hit.empty:  # a clean-only store still reports its false-alarm rate
+            rows.append(
+                {
+                    "env": env,
+                    "algo": algo,
+                    "N": n_agents,
+                    "attack": "none",
+                    "influence": "none",
+                    "calibration": cal,
+                    "episodes": 0,
+                    "fpr_clean": fpr["stage1"],
+                    "fpr_reward": fpr["reward"],
+                    "fpr_actdev": fpr["actdev"],
+                    "chance": 1.0 / n_agents,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def evaluate(diag_dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """The accuracy table over every diagnosis directory (one block per env × algo × N)."""
+    tables = []
+    for d in diag_dirs:
+        diag = load_diagnosis(d)
+        env = diag.summary["env"]
+        name = f"{env['name']}{'_cont' if env.get('continuous') else ''}"
+        tables.append(metrics_table(episode_table(diag), name, diag.summary["algo"]))
+    table = pd.concat(tables, ignore_index=True)
+    return table.sort_values(list(GROUP), kind="stable", ignore_index=True)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _fmt(col: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "—"
+    if col in ("episodes", "pairs", "N"):
+        return f"{int(value):,}"
+    if col == "delay":
+        return f"{value:.2f}"
+    return f"{100 * value:.1f}"
+
+
+def markdown(table: pd.DataFrame, columns: Iterable[str] | None = None) -> str:
+    """The table as GitHub markdown (rates in %), with a legend of every column."""
+    cols = [*GROUP, *(columns or COLUMNS)]
+    header = [c if c in GROUP else COLUMNS[c][0] for c in cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(cols)]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(_fmt(c, r.get(c)) for c in cols) + " |")
+    legend = [f"- **{COLUMNS[c][0]}**: {COLUMNS[c][1]}" for c in cols if c in COLUMNS]
+    note = (
+        "Rates in %. The deployable accuracy is our claim; the oracle-gated column "
+        "reproduces the paper's protocol, which runs Stage 2 only on episodes that the "
+        "ground truth marks as Stage-1 failures, and is not achievable without the answer."
+    )
+    return "\n".join([*lines, "", note, "", *legend]) + "\n"
