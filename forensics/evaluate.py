@@ -48,7 +48,7 @@ import pandas as pd
 from forensics.diagnose import CALIBRATIONS, SCORES_FILE, SUMMARY_FILE, VERDICTS_FILE
 from forensics.store import EpisodeStore, StoreError, open_store
 
-GROUP = ("env", "algo", "N", "attack", "influence", "calibration")
+GROUP = ("env", "algo", "N", "statistic", "attack", "influence", "calibration")
 ORACLE_LABEL = "oracle-gated (paper; uses ground truth)"
 
 # column → (markdown header, description); the table's order
@@ -395,6 +395,13 @@ def metrics_table(episodes: pd.DataFrame, env: str, algo: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def statistic_label(config: Mapping[str, Any]) -> str:
+    """The Stage-1 instrument of a diagnosis, e.g. ``cost(taken)@obs_true w1`` (ours) or
+    ``paper(greedy)@obs_perceived w5`` (the paper's): rows of different instruments differ."""
+    s1 = config["stage1"]
+    return f"{s1['probe']}({s1['target']})@{config['observations']} w{s1['window']}"
+
+
 def evaluate(diag_dirs: Sequence[str | Path]) -> pd.DataFrame:
     """The accuracy table over every diagnosis directory (one block per env × algo × N)."""
     tables = []
@@ -402,7 +409,9 @@ def evaluate(diag_dirs: Sequence[str | Path]) -> pd.DataFrame:
         diag = load_diagnosis(d)
         env = diag.summary["env"]
         name = f"{env['name']}{'_cont' if env.get('continuous') else ''}"
-        tables.append(metrics_table(episode_table(diag), name, diag.summary["algo"]))
+        table = metrics_table(episode_table(diag), name, diag.summary["algo"])
+        table.insert(3, "statistic", statistic_label(diag.summary["config"]))
+        tables.append(table)
     table = pd.concat(tables, ignore_index=True)
     return table.sort_values(list(GROUP), kind="stable", ignore_index=True)
 
