@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -19,3 +21,29 @@ def enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir is None:
         cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         jax.config.update("jax_compilation_cache_dir", str(cache_home / "marl-forensics" / "jax"))
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (Hydra's multi-line messages folded)."""
+    text = str(err).split("Config search path")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 2 and lines[1].startswith("Available options"):
+        return f"{lines[0]}; {lines[1]} {', '.join(lines[2:])}"
+    return " ".join(lines) or type(err).__name__
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input — a config value or override (``ConfigError``, Hydra's errors), a store
+    (``StoreError``), a missing file — ends the command with ``error: <one line>`` on stderr
+    and exit status 1. Anything else is a bug and keeps its traceback."""
+    import typer
+    from hydra.errors import HydraException
+
+    from forensics.store import StoreError
+
+    try:
+        yield
+    except (HydraException, StoreError, FileNotFoundError) as err:
+        typer.echo(f"error: {one_line(err)}", err=True)
+        raise typer.Exit(1) from None

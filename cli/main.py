@@ -11,7 +11,7 @@ import importlib
 
 import typer
 
-SUBCOMMANDS = ("train", "evaluate_policy", "rollout")
+SUBCOMMANDS = ("train", "evaluate_policy", "rollout", "diagnose", "evaluate", "report")
 
 HELP = """Failure forensics for cooperative multi-agent RL.
 
@@ -24,6 +24,12 @@ Typical session:
 
 * `forensics train` (Simple Spread N=3, MADDPG, seed 0)
 * `forensics evaluate-policy runs/simple_spread_3-maddpg-seed0`
+* `forensics rollout runs/simple_spread_3-maddpg-seed0 -o stores/ss3-worst` (attacked episodes)
+* `forensics rollout runs/simple_spread_3-maddpg-seed0 -o stores/ss3-clean --seeds 1000:1100
+  attack=none` (clean calibration episodes)
+* `forensics diagnose stores/ss3-worst --calibration stores/ss3-clean`
+* `forensics evaluate stores/ss3-worst/diagnosis`
+* `forensics report stores/ss3-worst/diagnosis --episode 7`
 
 Run `forensics COMMAND --help` for each command's options and examples.
 """

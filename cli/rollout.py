@@ -39,15 +39,6 @@ Examples:
 """
 
 
-def one_line(err: BaseException) -> str:
-    """An exception's message on one line (Hydra's multi-line messages folded)."""
-    text = str(err).split("Config search path")[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) > 2 and lines[1].startswith("Available options"):
-        return f"{lines[0]}; {lines[1]} {', '.join(lines[2:])}"
-    return " ".join(lines) or type(err).__name__
-
-
 def rollout(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `forensics train`.")],
     overrides: Annotated[
@@ -69,7 +60,7 @@ def rollout(
 
     from agents import checkpoint
     from agents.attacks import Attack
-    from cli import enable_compilation_cache, recording
+    from cli import enable_compilation_cache, one_line, recording
     from forensics.store import open_store
 
     console = Console(soft_wrap=True)

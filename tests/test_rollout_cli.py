@@ -29,7 +29,6 @@ FORENSICS = str(Path(sys.executable).with_name("forensics"))
 N, T = 3, 25
 PER_SEED = 1 + N * (N - 1) * 2  # clean + every ordered pair × {high, low}
 SEEDS, CHUNK = "0:5", "2"  # three chunks: 2 + 2 + 1 seeds
-TRAIN = ["algo=maddpg_smoke", "train.eval_episodes=0", "train.progress=false"]
 
 
 def forensics(*args: str) -> subprocess.CompletedProcess:
@@ -74,14 +73,6 @@ def untrained_checkpoint(run_dir: Path, **config: object) -> Path:
     checkpoint.save(mngr, state, trainer.policy_params(state), meta)
     mngr.close()
     return run_dir
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    result = forensics("train", f"out_dir={out}", "train.total_env_steps=200", *TRAIN)
-    assert result.returncode == 0, result.stderr
-    return out / "simple_spread_3-maddpg-seed0"
 
 
 @pytest.fixture(scope="module")
