@@ -27,10 +27,12 @@ threshold is fitted on those clean episodes and on nothing else.
 
 Per episode, in jitted batches vectorised over episodes × agents × steps:
 
-* **Stage 1**: the Taylor-remainder score of each agent's action-commitment cost, its
-  5-step rolling mean, onsets under two calibrations — the paper's per-step band
-  |x − μ| > Kσ and ours, a per-episode false-alarm budget α — and the Patient-0
-  candidate (earliest flag, ties to the largest exceedance);
+* **Stage 1**: each agent's action-commitment cost J = −log π(τ|o) — by default with τ the
+  action the log says it took (the cost of the committed action; `forensics=paper` selects
+  the paper's Taylor-remainder statistic: greedy τ, sign probe, 5-step rolling mean) —
+  onsets under two calibrations — the paper's per-step band |x − μ| > Kσ and ours, a
+  per-episode false-alarm budget α — and the Patient-0 candidate (earliest flag, ties to
+  the largest exceedance);
 
 * **Stage 2**: critic sensitivities G and curvatures D (Hessian-vector products), the
   paper's traceback over [t_det − 4, t_det], our deployable traceback (a hop only where

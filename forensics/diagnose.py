@@ -95,7 +95,9 @@ from forensics.store import (
 
 # What diagnose reads from the store being scored: no ground truth (clean, attack, victim,
 # observed, start, window, magnitude, influence, clean_actions) ever enters the verdicts.
-# ``obs_perceived`` is what each agent acted on (a log records what the sensors delivered).
+# ``obs_perceived`` is what each agent acted on; ``forensics.observations=obs_true`` reads the
+# environment's own observation instead, which only a log kept apart from the agent's sensors
+# (e.g. a simulator's state) has under an observation attack.
 SCORED_FIELDS = ("episode_id", "seed", "valid", "obs_perceived", "actions", "rewards")
 GROUND_TRUTH_FIELDS = (
     "clean",
@@ -352,7 +354,7 @@ def measure(
     attribution = jnp.maximum(-geom.S, 0.0) * v[..., None]  # A_ji^t
     aggregate = rolling_max if evidence == "max" else rolling_mean
     finite = jnp.ones(obs.shape[0], bool)
-    for x in (s1.raw, q, *geom):  # a static handful of arrays, not a loop over data
+    for x in (s1.raw, q, rewards, *geom):  # a static handful of arrays, not a loop over data
         bad = ~jnp.isfinite(x) & v.reshape(v.shape + (1,) * (x.ndim - 3))
         finite &= ~jnp.any(bad.reshape(bad.shape[0], -1), axis=1)
     smooth = partial(rolling_mean, window=inst.stage1.window, axis=1)
@@ -905,7 +907,8 @@ def diagnose(
         for file, problem in s.skipped:
             log(f"warning: {s.path}: skipped chunk {file}: {problem}")
     clean = load_clean(cal_store, fields)
-    check_disjoint(_column(store, "seed"), clean["seed"], cal_store.path)
+    scored_seeds = np.unique(_column(store, "seed"))
+    check_disjoint(scored_seeds, clean["seed"], cal_store.path)
     key = jax.random.PRNGKey(cfg.probe_seed)
 
     t0 = time.perf_counter()
@@ -947,11 +950,13 @@ def diagnose(
             "checkpoint": store.meta.checkpoint,
             "env": store.meta.env,
             "skipped_chunks": [list(s) for s in store.skipped],
+            "seeds": scored_seeds.tolist(),
         },
         "calibration_store": {
             "path": str(cal_store.path.resolve()),
             "episodes": cal_store.n_episodes,
             "skipped_chunks": [list(s) for s in cal_store.skipped],
+            "seeds": np.unique(clean["seed"]).tolist(),
             **cal_info,
         },
         "run_dir": str(Path(run_dir).resolve()),

@@ -345,7 +345,8 @@ def _row(g: pd.DataFrame, fpr: Mapping[str, float], n_agents: int, t_len: int) -
         "fpr_actdev": fpr["actdev"],
     }
     for col, name in (("io", "io"), ("qdrop", "qdrop"), ("rdrop", "rdrop")):
-        row[f"{name}_high_ge_low"], row["pairs"] = _high_ge_low(ok, col)
+        row[f"{name}_high_ge_low"], pairs = _high_ge_low(ok, col)
+        row.setdefault("pairs", pairs)  # pairs of the occupancy comparison (all recorded pairs)
     row.update(_interventional(ok, t_len))
     return row
 

@@ -4,7 +4,8 @@
 # records the paired worst-action protocol and the FGSM/PGD stores over SEEDS (default 0:500),
 # the other faults over EXTRA_SEEDS (default 0:200), a clean calibration store over seeds that
 # no scored store uses (100000:101000), diagnoses every store with our instrument
-# (forensics=default) and with the paper's Stage-1 statistic (forensics=paper), and writes
+# (forensics=default), with the paper's Stage-1 statistic (forensics=paper) and, for observation
+# attacks, with ours reading the environment's own observation (obs_true), and writes
 # results/NAME.md and results/NAME.parquet. Re-running resumes: finished stores are skipped.
 set -euo pipefail
 RUN=${1:?usage: scripts/forensics_results.sh RUN_DIR NAME [SEEDS] [EXTRA_SEEDS]}
@@ -25,6 +26,11 @@ record() {  # record(attack, seeds): one store, diagnosed twice
   "$BIN/forensics" diagnose "$store" --run "$RUN" -c "$STORES/clean" -o "$store/diagnosis-paper" \
     --no-progress forensics=paper
   diags+=("$store/diagnosis" "$store/diagnosis-paper")
+  if [[ $attack == obs_* ]]; then  # the env's own observation: needs a log apart from the sensors
+    "$BIN/forensics" diagnose "$store" --run "$RUN" -c "$STORES/clean" -o "$store/diagnosis-true" \
+      --no-progress forensics=default forensics.observations=obs_true
+    diags+=("$store/diagnosis-true")
+  fi
 }
 for attack in worst_action obs_fgsm obs_pgd; do record "$attack" "$SEEDS"; done
 for attack in stuck_actuator action_noise param_noise obs_gaussian; do record "$attack" "$EXTRA"; done
