@@ -171,4 +171,9 @@ def greedy_act_fn(policy: Policy) -> Callable[[jax.Array], jax.Array]:
 
         actor, _ = maddpg.build_networks(policy.env.spec, maddpg.MaddpgConfig.from_mapping(algo))
         return functools.partial(maddpg.greedy_actions, actor, policy.params["actor"])
+    if algo["name"] == "hatrpo":
+        from agents import hatrpo
+
+        cfg = hatrpo.HatrpoConfig.from_mapping(algo)
+        return hatrpo.greedy_act_fn(policy.env.spec, cfg, policy.params)
     raise ConfigError(f"algo.name: no greedy policy for algorithm {algo['name']!r}")
