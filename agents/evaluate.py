@@ -57,8 +57,10 @@ def run_episodes(
     return jax.jit(lambda k: episode_returns(env, act_fn, k, num_episodes))(key)
 
 
-def mean_ci(x: jax.Array | np.ndarray) -> tuple[float, float]:
-    """Sample mean and 95 % confidence half-width, 1.96 · s / √n (normal approximation).
+def mean_ci(x: jax.Array | np.ndarray, student: bool = False) -> tuple[float, float]:
+    """Sample mean and 95 % confidence half-width, q · s / √n with q = 1.96 (normal
+    approximation, many samples such as episodes) or, with ``student``, the Student-t
+    quantile t_{0.975, n−1} (a handful of samples such as the seeds of a sweep).
 
     Samples lie along axis 0; trailing axes are averaged within each sample first, so
     per-agent returns [E, N] give the mean per-agent return with an episode-level CI.
@@ -67,5 +69,12 @@ def mean_ci(x: jax.Array | np.ndarray) -> tuple[float, float]:
     if x.ndim == 0 or x.shape[0] < 2:
         raise ValueError(f"mean_ci: need at least 2 samples along axis 0, got shape {x.shape}")
     per_sample = x.reshape(x.shape[0], -1).mean(axis=1)
-    half = Z_95 * per_sample.std(ddof=1) / np.sqrt(per_sample.shape[0])
+    n = per_sample.shape[0]
+    if student:
+        from scipy.stats import t
+
+        q = float(t.ppf(0.975, n - 1))
+    else:
+        q = Z_95
+    half = q * per_sample.std(ddof=1) / np.sqrt(n)
     return float(per_sample.mean()), float(half)

@@ -25,11 +25,14 @@ exploration adds Gaussian noise of std ``exploration_noise``·(high − low), cl
 One iteration collects ``num_envs`` whole episodes in parallel (vmap over envs, ``lax.scan``
 over steps) into the replay buffer, then runs ``updates_per_iteration`` gradient updates
 (``lax.scan``); ``train_chunk`` scans ``iterations_per_chunk`` iterations in one jitted call.
+With several devices the parallel envs are split across them (``agents.sharding``); the
+learner and the replay buffer are replicated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from agents import replay
+from agents import replay, sharding
 from agents.networks import ACTIVATIONS, Actor, Critic, init_stacked
 from agents.trainer import Trainer, parse_algo_config
 from envs.base import EnvSpec, MultiAgentEnv
@@ -305,8 +308,14 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
 
 
 # -------------------------------------------------------------------------- trainer
-def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
-    """MADDPG on ``env`` with hyper-parameters ``algo_cfg`` (see ``MaddpgConfig``)."""
+def make_trainer(
+    env: MultiAgentEnv,
+    algo_cfg: Mapping[str, Any],
+    devices: Sequence[jax.Device] | None = None,
+) -> Trainer:
+    """MADDPG on ``env`` with hyper-parameters ``algo_cfg`` (see ``MaddpgConfig``); the
+    parallel envs are sharded over ``devices`` (default: all visible, see
+    ``sharding.batch_mesh``)."""
     cfg = algo_cfg if isinstance(algo_cfg, MaddpgConfig) else MaddpgConfig.from_mapping(algo_cfg)
     spec = env.spec
     n, T, E = spec.num_agents, spec.episode_length, cfg.num_envs
@@ -318,6 +327,9 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
     explore = make_explore(spec, cfg)
     update = make_update(spec, cfg)
     ready_size = max(cfg.warmup, cfg.batch_size)
+    mesh = sharding.batch_mesh(E, devices)
+    shard_envs = lambda tree: sharding.constrain_batch(tree, mesh)  # env axis 0
+    state_sharding = sharding.replicated(mesh)  # the default device without a mesh
 
     def init(key: jax.Array) -> TrainState:
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -334,16 +346,10 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             num_updates=jnp.int32(0),
         )
 
-    def init_committed(key: jax.Array) -> TrainState:
-        """``init``, jitted, with the state committed to the default device: Orbax restores
-        committed arrays, and ``jit`` caches committed and uncommitted inputs separately, so
-        this keeps a fresh and a restored state on one compiled ``train_chunk``."""
-        return jax.device_put(jax.jit(init)(key), jax.devices()[0])
-
     def collect(actor_params: Params, key: jax.Array):
         """E whole episodes: transitions [T, E, ...] and per-agent returns [E, N]."""
         k_reset, k_steps = jax.random.split(key)
-        obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, E))
+        obs, env_state = jax.vmap(env.reset)(shard_envs(jax.random.split(k_reset, E)))
 
         def step(carry, inp):
             obs, env_state, alive = carry
@@ -351,17 +357,15 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             k_act, k_env = jax.random.split(key)
             actions, encoded = explore(actor_params, obs, k_act)
             next_obs, env_state, reward, done, _ = jax.vmap(env.step)(
-                jax.random.split(k_env, E), env_state, actions
+                shard_envs(jax.random.split(k_env, E)), env_state, actions
             )
             # A done on the last step is the time limit, not a terminal state.
             terminal = (done & (t < T - 1)).astype(jnp.float32)
             tr = Transition(obs, encoded, reward, next_obs, terminal, alive.astype(jnp.float32))
-            return (next_obs, env_state, alive & ~done), tr
+            return shard_envs((next_obs, env_state, alive & ~done)), tr
 
-        alive = jnp.ones((E,), bool)
-        _, traj = jax.lax.scan(
-            step, (obs, env_state, alive), (jax.random.split(k_steps, T), jnp.arange(T))
-        )
+        carry = shard_envs((obs, env_state, jnp.ones((E,), bool)))
+        _, traj = jax.lax.scan(step, carry, (jax.random.split(k_steps, T), jnp.arange(T)))
         returns = jnp.sum(traj.reward * traj.valid[..., None], axis=0)
         return traj, returns
 
@@ -400,7 +404,12 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
         )
         return new_state, metrics
 
-    @jax.jit
+    # The state is committed to ``state_sharding`` on the way out of every jitted call:
+    # Orbax restores it with that sharding (``jax.eval_shape`` of the jitted init carries it),
+    # and one fixed layout keeps a fresh and a restored state on one compiled train_chunk.
+    init_committed = jax.jit(init, out_shardings=state_sharding)
+
+    @functools.partial(jax.jit, out_shardings=state_sharding)
     def train_chunk(state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         """``iterations_per_chunk`` iterations. Metrics are chunk means: ``episode_return``
         (per-agent return of the collected exploratory episodes) over all iterations, the

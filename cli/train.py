@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,16 +27,35 @@ and `evaluation.json`. Re-running the same command resumes from the newest check
 checkpoint made with a different env/algo/seed is refused, naming the field.
 
 With `-m`/`--multirun`, comma-separated values sweep, one run per combination, into
-`runs/sweeps/<sweep_name>/<overrides>`. Other Hydra flags pass through: `--cfg job` prints
-the composed config without training, `hydra/launcher=...` picks a launcher.
+`runs/sweeps/<sweep_name>/<overrides>`; `forensics evaluate-policy --sweep
+runs/sweeps/<sweep_name>` tabulates them. Other Hydra flags pass through: `--cfg job` prints
+the composed config without training, `hydra/launcher=...` picks a launcher:
+`hydra/launcher=slurm` submits one Slurm job per combination (resources in
+`configs/hydra/launcher/slurm.yaml`, or `hydra.launcher.partition=...` etc.),
+`hydra/launcher=submitit_local` runs the jobs as local processes. A job that Slurm
+preempts or times out is requeued and resumes from its newest checkpoint.
 
 Examples:
 
 * `forensics train`
 * `forensics train env=simple_spread_5 seed=3 train.total_env_steps=500000`
 * `forensics train -m seed=0,1,2 sweep_name=seeds`
+* `forensics train -m hydra/launcher=slurm hydra.launcher.partition=gpu seed=0,1,2,3`
 * `forensics train --cfg job algo.lr_actor=0.001`
 """
+
+
+def job_command(hydra_cfg: DictConfig) -> str:
+    """The command that re-runs this job into the same directory: ``forensics train``,
+    ``-m`` for a sweep job (whatever process runs it, e.g. a Slurm job), the Hydra overrides
+    given (launcher) and the job's own overrides."""
+    from hydra.types import RunMode
+
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    given = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode=")]
+    return shlex.join(
+        ["forensics", "train", *(["-m"] if sweep else []), *given, *hydra_cfg.overrides.task]
+    )
 
 
 def task(cfg: DictConfig) -> None:
@@ -60,7 +80,12 @@ def task(cfg: DictConfig) -> None:
             "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
             "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
         }
-        training.run(config, Path(hydra_cfg.runtime.output_dir), hydra_record=hydra_record)
+        training.run(
+            config,
+            Path(hydra_cfg.runtime.output_dir),
+            hydra_record=hydra_record,
+            command=job_command(hydra_cfg),
+        )
     except ConfigError as err:
         print(err, file=sys.stderr)
         raise SystemExit(1) from None

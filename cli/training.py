@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Mapping
@@ -53,7 +54,7 @@ def build(config: Mapping[str, Any]) -> tuple[MultiAgentEnv, Trainer]:
 
 
 def _write_records(
-    run_dir: Path, config: Mapping[str, Any], hydra_record: Mapping[str, str]
+    run_dir: Path, config: Mapping[str, Any], hydra_record: Mapping[str, str], command: str
 ) -> None:
     """Hydra's ``.hydra/`` files, and our own record of the run: resolved config, code
     version, seed and command line."""
@@ -61,7 +62,7 @@ def _write_records(
     for name, text in hydra_record.items():
         _atomic_write(run_dir / HYDRA_DIR / name, text)
     record = {
-        "command": " ".join(["forensics", *sys.argv[1:]]),
+        "command": command,
         "code_version": current_code_version(),
         "seeds": {"seed": config["seed"], "init_key": f"jax.random.PRNGKey({config['seed']})"},
         "config": dict(config),
@@ -148,11 +149,13 @@ def run(
     run_dir: Path,
     hydra_record: Mapping[str, str] | None = None,
     console: Console | None = None,
+    command: str | None = None,
 ) -> dict:
     """Train (or resume) the run in ``run_dir``; returns the final evaluation summary.
 
     ``hydra_record`` (file name → text) is written to ``run_dir/.hydra/`` once the config
-    is known to match the run's checkpoints.
+    is known to match the run's checkpoints; ``command`` (default: this process's command
+    line) is recorded in ``run.yaml``.
     """
     console = console or Console(soft_wrap=True)
     train = config["train"]
@@ -162,7 +165,7 @@ def run(
     meta = checkpoint.latest_meta(mngr)
     if meta is not None:
         checkpoint.check_compatible(meta, config, str(run_dir))
-    _write_records(run_dir, config, hydra_record or {})
+    _write_records(run_dir, config, hydra_record or {}, command or shlex.join(sys.argv))
 
     state, chunk = _initial_state(trainer, mngr, meta, config["seed"])
     if meta is not None:
