@@ -281,6 +281,20 @@ def greedy_act_fn(spec: EnvSpec, cfg: HatrpoConfig, params: Mapping[str, Params]
     return lambda obs: greedy_actions(actor, params["actor"], obs)
 
 
+def sample_act_fn(spec: EnvSpec, cfg: HatrpoConfig, params: Mapping[str, Params]):
+    """``(key, obs [..., N, O], avail [..., N, A] | None) -> env actions`` drawn from the
+    stochastic policy of ``policy_params`` (the Gaussian sample is not clipped: the env clips)."""
+    head = make_policy_head(spec, cfg)
+    thetas = {"net": params["actor"]}
+    if not spec.discrete:
+        thetas["log_std"] = params["log_std"]
+
+    def act(key: jax.Array, obs: jax.Array, avail: jax.Array | None = None) -> jax.Array:
+        return head.dist.sample(key, forward_team(head, thetas, obs, avail))
+
+    return act
+
+
 # ------------------------------------------------------------------- trust region core
 def conjugate_gradient(
     mvp: Callable[[jax.Array], jax.Array], b: jax.Array, iters: int, tol: float = 1e-10

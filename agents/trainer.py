@@ -46,17 +46,20 @@ def make_trainer(algo_name: str, env: Any, algo_cfg: Mapping[str, Any]) -> Train
     )
 
 
-def parse_algo_config(cls: type[ConfigT], cfg: Mapping[str, Any], label: str) -> ConfigT:
-    """The frozen dataclass ``cls`` from ``algo_cfg`` (``name`` ignored), each value coerced to
-    its field default's type, then ``validate()``-d; errors name the field (``algo.<field>``)."""
+def parse_algo_config(
+    cls: type[ConfigT], cfg: Mapping[str, Any], label: str, section: str = "algo"
+) -> ConfigT:
+    """The frozen dataclass ``cls`` from ``cfg`` (``name`` ignored), each value coerced to
+    its field default's type, then ``validate()``-d; errors name the field
+    (``<section>.<field>``)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - fields - {"name"})
     if unknown:
         raise ValueError(
-            f"algo.{unknown[0]}: unknown {label} setting; expected one of {sorted(fields)}"
+            f"{section}.{unknown[0]}: unknown {label} setting; expected one of {sorted(fields)}"
         )
     values = {
-        name: coerce_field(name, value, getattr(cls, name))
+        name: coerce_field(name, value, getattr(cls, name), section)
         for name, value in cfg.items()
         if name != "name"
     }
@@ -65,7 +68,7 @@ def parse_algo_config(cls: type[ConfigT], cfg: Mapping[str, Any], label: str) ->
     return config
 
 
-def coerce_field(name: str, value: Any, default: Any) -> Any:
+def coerce_field(name: str, value: Any, default: Any, section: str = "algo") -> Any:
     """Convert a config value to the type of the field's default, or raise naming it."""
     try:
         if isinstance(default, str):
@@ -88,4 +91,4 @@ def coerce_field(name: str, value: Any, default: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         kind = "a list of ints" if isinstance(default, tuple) else type(default).__name__
-        raise ValueError(f"algo.{name} must be {kind}, got {value!r}") from None
+        raise ValueError(f"{section}.{name} must be {kind}, got {value!r}") from None
