@@ -44,6 +44,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Training throughput (env-steps/s) against a step-by-step PettingZoo loop, same networks.
+# Training throughput (env-steps/s) against a step-by-step PettingZoo loop, same networks;
+# recording the N=5 paired protocol and diagnosing an N=5 store (Stage 1 + 2), each against
+# a per-step Python loop in the same run (each script prints its sizes; --help to change them).
 bench: install
 	$(BIN)/python scripts/benchmark_train.py
+	$(BIN)/python scripts/benchmark_rollout.py
+	$(BIN)/python scripts/benchmark_diagnose.py
