@@ -14,6 +14,13 @@ episodes end by time limit only, so its targets always bootstrap):
 Each agent has its own Adam state and its own gradient-norm clip (``jax.vmap`` over the
 agent axis), so agents never share a step size or a clipping scale.
 
+Parameter sharing (``sharing``: actor, critic or both): one network for all agents with the
+agent's one-hot id as an extra input, which is the same as every agent owning only its
+input-layer bias (``networks.agent_specific_leaves``). Params keep the stacked layout with
+the shared leaves equal across agents; their gradient is the sum over agents
+(``networks.tie_shared``) and one optimiser steps the whole stacked tree, so tied leaves
+get identical updates and stay tied.
+
 Discrete actions: the actor outputs logits ℓ_i, so π_i(a|o) = softmax(ℓ_i)_a and
 −log π_i(a|o) is defined for forensics. Exploration samples a ~ π_i (argmax of ℓ_i + Gumbel
 noise); the critic sees one-hot actions; target actions are the one-hot greedy choice; the
@@ -42,11 +49,20 @@ import optax
 from flax import struct
 
 from agents import replay, sharding
-from agents.networks import ACTIVATIONS, Actor, Critic, init_stacked
+from agents.networks import (
+    ACTIVATIONS,
+    Actor,
+    Critic,
+    agent_specific_leaves,
+    init_shared,
+    init_stacked,
+    tie_shared,
+)
 from agents.trainer import Trainer, parse_algo_config
 from envs.base import EnvSpec, MultiAgentEnv
 
 Params = Any
+SHARING = ("none", "actor", "critic", "both")  # which networks all agents share
 
 
 # ----------------------------------------------------------------------------- config
@@ -72,6 +88,15 @@ class MaddpgConfig:
     exploration_noise: float = 0.1  # continuous: Gaussian std as a fraction of the box width
     grad_clip: float = 0.5  # per-agent global-norm clip of each gradient
     logit_reg: float = 1e-3  # discrete: λ in the actor loss, keeps logits (and π) bounded
+    sharing: str = "none"  # networks shared by all agents (+ agent id): SHARING, docstring
+
+    @property
+    def share_actor(self) -> bool:
+        return self.sharing in ("actor", "both")
+
+    @property
+    def share_critic(self) -> bool:
+        return self.sharing in ("critic", "both")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> MaddpgConfig:
@@ -98,6 +123,7 @@ class MaddpgConfig:
             ("actor_hidden", all(w >= 1 for w in self.actor_hidden), "positive widths"),
             ("critic_hidden", all(w >= 1 for w in self.critic_hidden), "positive widths"),
             ("activation", self.activation in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}"),
+            ("sharing", self.sharing in SHARING, f"one of {list(SHARING)}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -191,12 +217,33 @@ class TrainState(struct.PyTreeNode):
 
 # ------------------------------------------------------------------ learner pieces
 def optimisers(cfg: MaddpgConfig) -> tuple[optax.GradientTransformation, ...]:
-    """(actor, critic) optimisers: global-norm clip then Adam. Applied per agent with
-    ``jax.vmap`` over the stacked axis, so each agent clips and adapts on its own."""
+    """(actor, critic) optimisers over stacked params: global-norm clip then Adam.
+
+    Independent networks: applied per agent with ``jax.vmap`` over the stacked axis, so
+    each agent clips and adapts on its own. A shared network: its gradient is tied (summed
+    over agents) and one optimiser steps the whole stacked tree.
+    """
     return tuple(
-        optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
-        for lr in (cfg.lr_actor, cfg.lr_critic)
+        (_shared if shared else _per_agent)(
+            optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
+        )
+        for lr, shared in ((cfg.lr_actor, cfg.share_actor), (cfg.lr_critic, cfg.share_critic))
     )
+
+
+def _per_agent(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` run independently on every agent's slice of a stacked tree."""
+    return optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))
+
+
+def _shared(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` on a stacked tree whose leaves other than the agent-specific ones are one
+    shared parameter: their gradients are summed over agents first."""
+
+    def update(grads, opt_state, params=None):
+        return tx.update(tie_shared(grads, agent_specific_leaves(grads)), opt_state, params)
+
+    return optax.GradientTransformation(tx.init, update)
 
 
 def init_learner(spec: EnvSpec, cfg: MaddpgConfig, key: jax.Array) -> Learner:
@@ -207,15 +254,16 @@ def init_learner(spec: EnvSpec, cfg: MaddpgConfig, key: jax.Array) -> Learner:
     n = spec.num_agents
     obs = jnp.zeros((n, spec.obs_dim), jnp.float32)
     act = jnp.zeros((n, spec.action_dim), jnp.float32)
-    actor_params = init_stacked(actor, k_actor, n, obs[0])
-    critic_params = init_stacked(critic, k_critic, n, obs, act)
+    actor_params = (init_shared if cfg.share_actor else init_stacked)(actor, k_actor, n, obs[0])
+    critic_init = init_shared if cfg.share_critic else init_stacked
+    critic_params = critic_init(critic, k_critic, n, obs, act)
     return Learner(
         actor_params=actor_params,
         critic_params=critic_params,
         target_actor_params=actor_params,
         target_critic_params=critic_params,
-        actor_opt_state=jax.vmap(actor_tx.init)(actor_params),
-        critic_opt_state=jax.vmap(critic_tx.init)(critic_params),
+        actor_opt_state=actor_tx.init(actor_params),
+        critic_opt_state=critic_tx.init(critic_params),
     )
 
 
@@ -261,7 +309,7 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
             return jnp.sum(valid * (q - target) ** 2) / count, q
 
         (c_loss, q), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(learner.critic_params)
-        c_updates, critic_opt_state = jax.vmap(critic_tx.update)(
+        c_updates, critic_opt_state = critic_tx.update(
             c_grads, learner.critic_opt_state, learner.critic_params
         )
         critic_params = optax.apply_updates(learner.critic_params, c_updates)
@@ -280,7 +328,7 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
             return pg + reg, pg
 
         (_, pg), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(learner.actor_params)
-        a_updates, actor_opt_state = jax.vmap(actor_tx.update)(
+        a_updates, actor_opt_state = actor_tx.update(
             a_grads, learner.actor_opt_state, learner.actor_params
         )
         actor_params = optax.apply_updates(learner.actor_params, a_updates)

@@ -83,3 +83,48 @@ def init_stacked(module: nn.Module, key: jax.Array, num_agents: int, *example) -
     """Independent parameters for each of ``num_agents`` agents, stacked on axis 0."""
     keys = jax.random.split(key, num_agents)
     return jax.vmap(lambda k: module.init(k, *example))(keys)
+
+
+def agent_specific_leaves(stacked_params: dict) -> dict:
+    """Bool pytree over ``stacked_params``: True for the input layer's bias, False elsewhere.
+
+    Parameter sharing with an agent id: feeding one shared MLP the input [x; e_i] (e_i the
+    one-hot id of agent i) gives a first layer W x + W_e e_i + b = W x + b_i, so a shared
+    network with an id is exactly a network whose input-layer bias b_i is agent i's own
+    and every other parameter is common to all agents. The stacked layout (leading N axis,
+    ``actor_apply(params_i, x_i)``) is then unchanged for every consumer of the params.
+    """
+
+    def own(path, _leaf) -> bool:
+        names = [getattr(entry, "key", None) for entry in path]
+        return names[-2:] == ["Dense_0", "bias"]
+
+    return jax.tree_util.tree_map_with_path(own, stacked_params)
+
+
+def tie_shared(stacked: dict, agent_specific: dict) -> dict:
+    """Sum the shared leaves over the agent axis and broadcast the sum back to every agent
+    (agent-specific leaves unchanged): for gradients, Σ_i ∂L_i/∂θ = ∂(Σ_i L_i)/∂θ, the
+    gradient of a parameter θ common to all agents."""
+    return jax.tree_util.tree_map(
+        lambda x, own: x if own else jnp.broadcast_to(jnp.sum(x, axis=0), x.shape),
+        stacked,
+        agent_specific,
+    )
+
+
+def init_shared(module: nn.Module, key: jax.Array, num_agents: int, *example) -> dict:
+    """Stacked parameters of one network shared by ``num_agents`` agents with an agent id:
+    agent 0's weights broadcast to every agent, and per-agent input-layer biases drawn
+    N(0, 1/fan_in) like the id columns W_e of a LeCun-normal input layer would be."""
+    k_net, k_ids = jax.random.split(key)
+    stacked = init_stacked(module, k_net, num_agents, *example)
+    agent_specific = agent_specific_leaves(stacked)
+    fan_in = sum(x.size for x in example)
+
+    def tie(x, own):
+        if own:
+            return jax.random.normal(k_ids, x.shape, x.dtype) / jnp.sqrt(fan_in)
+        return jnp.broadcast_to(x[0], x.shape)
+
+    return jax.tree_util.tree_map(tie, stacked, agent_specific)

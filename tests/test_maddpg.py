@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from agents import evaluate, maddpg, replay
+from agents import evaluate, maddpg, networks, replay
 from envs import make_env
 
 # 4 envs x 25 steps = 100 transitions per iteration, one iteration per chunk: chunk 1
@@ -145,6 +145,80 @@ def test_resume_from_checkpoint_equals_not_stopping(tiny, tmp_path):
         restored = ckpt.restore(tmp_path / "ckpt", abstract)
     resumed = trainer.train_chunk(restored)
     assert leaves_equal(resumed, traj[3])
+
+
+# ------------------------------------------------------------- parameter sharing
+def _shared_and_own(tree):
+    """(shared leaves, agent-specific leaves) of a stacked params tree."""
+    mask = jax.tree_util.tree_leaves(networks.agent_specific_leaves(tree))
+    leaves = jax.tree_util.tree_leaves(tree)
+    return [x for x, m in zip(leaves, mask, strict=True) if not m], [
+        x for x, m in zip(leaves, mask, strict=True) if m
+    ]
+
+
+def test_tied_gradient_is_the_gradient_of_one_shared_network():
+    """tie_shared(∂L/∂stacked) = ∂L/∂θ for the network θ that every agent applies (its
+    input-layer bias per agent), L = Σ_i L_i(θ, b_i)."""
+    actor = networks.Actor(hidden=(8, 8), action_dim=5, discrete=True, activation="silu")
+    n, obs = 3, jax.random.normal(jax.random.PRNGKey(1), (3, 4))
+    stacked = networks.init_shared(actor, jax.random.PRNGKey(0), n, obs[0])
+    mask = networks.agent_specific_leaves(stacked)
+
+    def team_loss(stacked):
+        out = jax.vmap(actor.apply)(stacked, obs)
+        return jnp.sum(jnp.tanh(out) * jnp.arange(5.0))
+
+    def loss_of_shared(single, own):  # one network θ, agent i's input bias own[i]
+        stacked = jax.tree_util.tree_map(
+            lambda x, o, m: o if m else jnp.broadcast_to(x, (n, *x.shape)), single, own, mask
+        )
+        return team_loss(stacked)
+
+    single = jax.tree_util.tree_map(lambda x: x[0], stacked)
+    tied = networks.tie_shared(jax.grad(team_loss)(stacked), mask)
+    d_single, d_own = jax.grad(loss_of_shared, argnums=(0, 1))(single, stacked)
+    for t, s, o, m in zip(
+        *map(jax.tree_util.tree_leaves, (tied, d_single, d_own, mask)), strict=True
+    ):
+        np.testing.assert_allclose(t, o if m else np.broadcast_to(s, t.shape), atol=1e-6)
+
+
+@pytest.mark.parametrize("continuous", [False, True], ids=["discrete", "continuous"])
+def test_sharing_keeps_shared_leaves_tied_through_training(continuous):
+    env = make_env("simple_spread", num_agents=3, continuous=continuous)
+    trainer = maddpg.make_trainer(env, {**TINY, "sharing": "both"})
+    (s0, _), *_, (state, metrics) = trajectory(trainer, 7, 3)
+    assert int(state.num_updates) == 2 and np.isfinite(float(metrics["critic_loss"]))
+    learner = state.learner
+    for before, after in [
+        (s0.learner.actor_params, learner.actor_params),
+        (s0.learner.critic_params, learner.critic_params),
+        (s0.learner.target_actor_params, learner.target_actor_params),
+    ]:
+        shared, own = _shared_and_own(after)
+        assert len(own) == 1 and len(shared) >= 5
+        assert all(np.array_equal(x, np.broadcast_to(x[0], x.shape)) for x in shared)
+        assert len(np.unique(np.asarray(own[0]), axis=0)) == env.spec.num_agents  # ids differ
+        assert not leaves_equal(before, after)
+    # Consumers see the usual stacked layout: one slice per agent.
+    params = trainer.policy_params(state)
+    assert all(x.shape[0] == 3 for x in jax.tree_util.tree_leaves(params))
+    actor, _ = maddpg.build_networks(env.spec, maddpg.MaddpgConfig.from_mapping(TINY))
+    obs, _ = env.reset(jax.random.PRNGKey(1))
+    assert maddpg.greedy_actions(actor, params["actor"], obs).shape[0] == 3
+
+
+def test_sharing_one_network_only():
+    env = make_env("simple_spread", num_agents=3, continuous=False)
+    state = maddpg.make_trainer(env, {**TINY, "sharing": "actor"}).init(jax.random.PRNGKey(0))
+    shared_actor, _ = _shared_and_own(state.learner.actor_params)
+    shared_critic, _ = _shared_and_own(state.learner.critic_params)
+    assert all(np.array_equal(x[0], x[1]) for x in shared_actor)
+    kernels = [x for x in shared_critic if x.ndim == 3]  # biases start at zero for all
+    assert kernels and not any(np.array_equal(x[0], x[1]) for x in kernels)
+    with pytest.raises(ValueError, match=r"algo\.sharing must be one of"):
+        maddpg.MaddpgConfig.from_mapping({"sharing": "everything"})
 
 
 # ------------------------------------------------------------------ action helpers
