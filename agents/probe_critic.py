@@ -108,7 +108,8 @@ def discounted_returns(reward: jax.Array, valid: jax.Array, gamma: float) -> jax
 
 
 def explore_actions(spec: EnvSpec, key: jax.Array, actions: jax.Array, epsilon: float):
-    """ε-exploration around the policy's env actions [..., N(, A)] (see the module docstring)."""
+    """ε-exploration around the policy's env actions [..., N(, A)] (see the module docstring);
+    continuous actions come back clipped to the box, so the critic sees what the env executes."""
     k_pick, k_new = jax.random.split(key)
     if spec.discrete:
         uniform = jax.random.randint(k_new, actions.shape, 0, spec.action_dim, jnp.int32)
@@ -135,9 +136,7 @@ def collect(
             k_act, k_explore, k_env = jax.random.split(key, 3)
             avail = env.avail_actions(state) if spec.discrete else None
             actions = sample(k_act, obs, avail)
-            actions = explore_actions(spec, k_explore, actions, epsilon)
-            if not spec.discrete:  # the critic sees what the env executes
-                actions = jnp.clip(actions, spec.action_low, spec.action_high)
+            actions = explore_actions(spec, k_explore, actions, epsilon)  # clipped to the box
             next_obs, state, reward, done, _ = env.step(k_env, state, actions)
             out = ProbeData(obs, encode_actions(spec, actions), reward, alive.astype(jnp.float32))
             return (next_obs, state, alive & ~done), out

@@ -13,6 +13,7 @@ from agents.probe_critic import ProbeConfig, ProbeData
 from cli import enable_compilation_cache
 from cli.hydra_entry import compose_config
 from cli.training import run as train_run
+from envs import make_env
 from envs.base import EnvSpec
 
 enable_compilation_cache()
@@ -31,6 +32,17 @@ def test_discounted_returns_match_a_python_loop_and_stop_at_the_episode_end():
             expected[t, e] = g
     got = probe_critic.discounted_returns(jnp.asarray(reward), jnp.asarray(valid)[..., None], 0.9)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_collect_clips_continuous_actions_and_discounts_per_episode():
+    env = make_env("simple_spread", num_agents=3, continuous=True)
+    sample = lambda key, obs, avail: 2.0 * jax.random.normal(key, (3, env.spec.action_dim))
+    data = jax.jit(lambda k: probe_critic.collect(env, sample, k, 4, 0.1))(jax.random.PRNGKey(0))
+    assert data.act.shape == (4, 25, 3, env.spec.action_dim) and data.ret.shape == (4, 25, 3)
+    assert float(data.act.min()) == 0.0 and float(data.act.max()) == 1.0  # clipped to the box
+    ret = probe_critic.discounted(data, 0.9).ret
+    np.testing.assert_allclose(ret[:, -1], data.ret[:, -1])
+    np.testing.assert_allclose(ret[:, :-1], data.ret[:, :-1] + 0.9 * ret[:, 1:], rtol=1e-5)
 
 
 def test_config_errors_name_the_field():
