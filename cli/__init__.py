@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def enable_compilation_cache() -> None:
@@ -21,6 +22,28 @@ def enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir is None:
         cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         jax.config.update("jax_compilation_cache_dir", str(cache_home / "marl-forensics" / "jax"))
+
+
+def invocation(ctx: Any) -> str:
+    """The running subcommand (its ``typer.Context``) as a command line that re-runs it,
+    rebuilt from the parsed parameters (``sys.argv`` belongs to whatever process hosts the
+    app, e.g. a test runner)."""
+    import shlex
+
+    words = ["forensics", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        is_option = param.param_type_name == "option"
+        if value is None or (is_option and value == param.default):
+            continue
+        values = [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+        if not is_option:
+            words += values
+        elif isinstance(value, bool):
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            words += [param.opts[0], *values]
+    return shlex.join(words)
 
 
 def one_line(err: BaseException) -> str:

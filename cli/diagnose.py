@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import uuid
 import warnings
 from contextlib import nullcontext
@@ -68,6 +67,7 @@ Examples:
 
 
 def diagnose(
+    ctx: typer.Context,
     store: Annotated[
         Path, typer.Argument(help="Episode store to diagnose (written by `forensics rollout`).")
     ],
@@ -100,7 +100,7 @@ def diagnose(
 ) -> None:
     from rich.console import Console
 
-    from cli import enable_compilation_cache, one_line_errors
+    from cli import enable_compilation_cache, invocation, one_line_errors
     from forensics.diagnose import diagnose as run_diagnosis
 
     console, status = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
@@ -119,7 +119,7 @@ def diagnose(
                     store, run_dir, calibration, partial, config,
                     log=lambda line: status.print(line, highlight=False),
                 )  # fmt: skip
-            summary["command"] = " ".join(["forensics", *sys.argv[1:]])
+            summary["command"] = invocation(ctx)
             (partial / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             replace_dir(partial, out)
         finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -40,6 +39,7 @@ Examples:
 
 
 def rollout(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `forensics train`.")],
     overrides: Annotated[
         list[str] | None, typer.Argument(help="Hydra overrides of the attack (key=value).")
@@ -60,7 +60,7 @@ def rollout(
 
     from agents import checkpoint
     from agents.attacks import Attack
-    from cli import enable_compilation_cache, one_line, recording
+    from cli import enable_compilation_cache, invocation, one_line, recording
     from forensics.store import open_store
 
     console = Console(soft_wrap=True)
@@ -72,7 +72,7 @@ def rollout(
         attack = Attack.from_config(config["attack"])
         per_seed = recording.episodes_per_seed(attack, policy.env.spec.num_agents)
         session = {
-            "command": " ".join(["forensics", *sys.argv[1:]]),
+            "command": invocation(ctx),
             "run_dir": str(run_dir.resolve()),
             "checkpoint_env_steps": policy.env_steps,
             "seeds": seeds,
