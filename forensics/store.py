@@ -143,8 +143,14 @@ class Column:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Column:
         bounds = d.get("bounds")
-        return cls(d["name"], d["dtype"], tuple(d["shape"]), bool(d["per_step"]),
-                   tuple(bounds) if bounds is not None else None, tuple(d.get("choices", ())))
+        return cls(
+            d["name"],
+            d["dtype"],
+            tuple(d["shape"]),
+            bool(d["per_step"]),
+            tuple(bounds) if bounds is not None else None,
+            tuple(d.get("choices", ())),
+        )
 
 
 def resolve_schema(spec: EnvSpec, optional: Iterable[str] = ()) -> tuple[Column, ...]:
@@ -152,17 +158,20 @@ def resolve_schema(spec: EnvSpec, optional: Iterable[str] = ()) -> tuple[Column,
     optional = set(optional)
     known = {f.name for f in EPISODE_FIELDS if f.optional}
     if optional - known:
-        raise StoreError(f"optional fields: unknown {sorted(optional - known)}; "
-                         f"expected some of {sorted(known)}")
-    dims = {"T": spec.episode_length, "N": spec.num_agents, "O": spec.obs_dim,
-            "A": spec.action_dim}
+        raise StoreError(
+            f"optional fields: unknown {sorted(optional - known)}; expected some of {sorted(known)}"
+        )
+    dims = {"T": spec.episode_length, "N": spec.num_agents, "O": spec.obs_dim, "A": spec.action_dim}
     size = lambda d: dims[d] if isinstance(d, str) else int(d)
     columns = []
     for f in EPISODE_FIELDS:
         if f.optional and f.name not in optional:
             continue
-        shape = tuple(size(d.rstrip("?") if isinstance(d, str) else d) for d in f.shape
-                      if not (d == "A?" and spec.discrete))
+        shape = tuple(
+            size(d.rstrip("?") if isinstance(d, str) else d)
+            for d in f.shape
+            if not (d == "A?" and spec.discrete)
+        )
         dtype = ("int32" if spec.discrete else "float32") if f.dtype == "action" else f.dtype
         integer = dtype != "str" and np.dtype(dtype).kind in "iu"
         bounds = (size(f.bounds[0]), size(f.bounds[1])) if f.bounds and integer else None
@@ -178,8 +187,9 @@ def _check_column(col: Column, value: Any, n: int) -> np.ndarray:
         raise StoreError(f"field {col.name!r}: not an array ({e})") from None
     if arr.shape != (n, *col.shape):
         shown = ", ".join(map(str, arr.shape))
-        raise StoreError(f"field {col.name!r}: expected {col.describe(f'B={n}')}, "
-                         f"got {arr.dtype} [{shown}]")
+        raise StoreError(
+            f"field {col.name!r}: expected {col.describe(f'B={n}')}, got {arr.dtype} [{shown}]"
+        )
     if col.dtype == "str":
         if arr.dtype.kind not in "UO" or not all(isinstance(v, str) for v in arr.ravel()):
             raise StoreError(f"field {col.name!r}: expected strings, got {arr.dtype}")
@@ -189,12 +199,19 @@ def _check_column(col: Column, value: Any, n: int) -> np.ndarray:
         return arr.astype(str)
     target = np.dtype(col.dtype)
     # bool <-> number is always a bug here; otherwise accept same-kind casts and check values
-    castable = (arr.dtype == target or (arr.dtype.kind in "iu" and target.kind in "iu")
-                or (target.kind != "b" and arr.dtype.kind != "b"
-                    and np.can_cast(arr.dtype, target, "same_kind")))
+    castable = (
+        arr.dtype == target
+        or (arr.dtype.kind in "iu" and target.kind in "iu")
+        or (
+            target.kind != "b"
+            and arr.dtype.kind != "b"
+            and np.can_cast(arr.dtype, target, "same_kind")
+        )
+    )
     if not castable:
-        raise StoreError(f"field {col.name!r}: expected {col.describe(f'B={n}')}, "
-                         f"got dtype {arr.dtype}")
+        raise StoreError(
+            f"field {col.name!r}: expected {col.describe(f'B={n}')}, got dtype {arr.dtype}"
+        )
     out = arr.astype(target, copy=False)
     if target.kind in "iu" and arr.dtype != target and not np.array_equal(out, arr):
         raise StoreError(f"field {col.name!r}: values do not fit in {target}")
@@ -228,8 +245,9 @@ def validate_batch(columns: Sequence[Column], batch: Mapping[str, Any]) -> dict[
         raise StoreError(f"batch: missing field {missing[0].name!r} ({missing[0].describe()})")
     ids = np.asarray(batch["episode_id"])
     if ids.ndim != 1 or ids.size == 0:
-        raise StoreError(f"field 'episode_id': expected int64 [B] with B >= 1, got shape "
-                         f"{list(ids.shape)}")
+        raise StoreError(
+            f"field 'episode_id': expected int64 [B] with B >= 1, got shape {list(ids.shape)}"
+        )
     out = {c.name: _check_column(c, batch[c.name], ids.size) for c in columns}
     uniq, counts = np.unique(out["episode_id"], return_counts=True)
     if (counts > 1).any():
@@ -237,13 +255,16 @@ def validate_batch(columns: Sequence[Column], batch: Mapping[str, Any]) -> dict[
     if "influence" in out and "clean" in out:
         wrong = np.nonzero(out["clean"] != (out["influence"] == "none"))[0]
         if wrong.size:
-            raise StoreError(f"field 'influence': must be 'none' exactly on clean episodes; "
-                             f"episode {out['episode_id'][wrong[0]]} disagrees")
+            raise StoreError(
+                f"field 'influence': must be 'none' exactly on clean episodes; "
+                f"episode {out['episode_id'][wrong[0]]} disagrees"
+            )
     if "victim" in out and "clean" in out:
         wrong = np.nonzero(~out["clean"] & (out["victim"] < 0))[0]
         if wrong.size:
-            raise StoreError(f"field 'victim': attacked episode {out['episode_id'][wrong[0]]} "
-                             f"has no victim (-1)")
+            raise StoreError(
+                f"field 'victim': attacked episode {out['episode_id'][wrong[0]]} has no victim (-1)"
+            )
     return out
 
 
@@ -272,9 +293,14 @@ def _encode_chunk(columns: Sequence[Column], arrays: Mapping[str, np.ndarray]) -
     """One Parquet file in memory: zstd, page checksums, dictionaries only for strings."""
     table = pa.table({c.name: _to_arrow(c, arrays[c.name]) for c in columns})
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_EPISODES,
-                   use_dictionary=[c.name for c in columns if c.dtype == "str"],
-                   write_page_checksum=True)
+    pq.write_table(
+        table,
+        sink,
+        compression="zstd",
+        row_group_size=ROW_GROUP_EPISODES,
+        use_dictionary=[c.name for c in columns if c.dtype == "str"],
+        write_page_checksum=True,
+    )
     return sink.getvalue().to_pybytes()
 
 
@@ -312,8 +338,9 @@ def _dump(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def write_table(df: pd.DataFrame, path: str | os.PathLike,
-                metadata: Mapping[str, Any] | None = None) -> Path:
+def write_table(
+    df: pd.DataFrame, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Write a result table (e.g. per-episode verdicts) as Parquet, atomically.
 
     ``metadata`` (JSON-serialisable, e.g. the store and checkpoint the verdicts came from) is
@@ -325,7 +352,8 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike,
     table = pa.Table.from_pandas(df, preserve_index=False)
     if metadata is not None:
         table = table.replace_schema_metadata(
-            {**(table.schema.metadata or {}), b"marl_forensics": json.dumps(dict(metadata))})
+            {**(table.schema.metadata or {}), b"marl_forensics": json.dumps(dict(metadata))}
+        )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
     _atomic_write(path, sink.getvalue().to_pybytes())
@@ -368,8 +396,9 @@ def current_code_version() -> str:
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():  # an installed copy: a parent repo would be the wrong one
         return _package_version()
-    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True,
-                                    text=True, check=True, timeout=30).stdout.strip()
+    git = lambda *a: subprocess.run(
+        ["git", "-C", str(root), *a], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
     try:
         dirty = git("status", "--porcelain", "--untracked-files=no")
         return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
@@ -438,7 +467,8 @@ class StoreMeta:
             raise StoreError(
                 f"checkpoint {ident['path']} (sha256 {ident['sha256'][:12]}) is not the one that "
                 f"produced store {self.path} ({self.checkpoint['path']}, sha256 "
-                f"{self.checkpoint['sha256'][:12]})")
+                f"{self.checkpoint['sha256'][:12]})"
+            )
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -456,8 +486,10 @@ def _load_meta(root: Path) -> dict[str, Any]:
         raise StoreError(f"{root}: not an episode store (no {_META})")
     meta = _read_json(root / _META, "metadata")
     if meta.get("schema_version", 0) > SCHEMA_VERSION:
-        raise StoreError(f"{root}: schema version {meta['schema_version']} is newer than this "
-                         f"code reads ({SCHEMA_VERSION}); upgrade marl-forensics")
+        raise StoreError(
+            f"{root}: schema version {meta['schema_version']} is newer than this "
+            f"code reads ({SCHEMA_VERSION}); upgrade marl-forensics"
+        )
     return meta
 
 
@@ -490,25 +522,41 @@ class StoreWriter:
     deleted (with a warning) before the first append. Use as a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike, spec: EnvSpec, *,
-                 checkpoint: Mapping[str, str], config: Mapping[str, Any],
-                 seeds: Sequence[int], code_version: str | None = None,
-                 optional_fields: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        spec: EnvSpec,
+        *,
+        checkpoint: Mapping[str, str],
+        config: Mapping[str, Any],
+        seeds: Sequence[int],
+        code_version: str | None = None,
+        optional_fields: Iterable[str] = (),
+    ) -> None:
         self.path = Path(path)
         self.columns = resolve_schema(spec, optional_fields)
         if not {"path", "sha256"} <= set(checkpoint):
             raise StoreError("checkpoint: expected {'path', 'sha256'} (see checkpoint_identity)")
         try:
-            session_json = json.loads(json.dumps({
-                "config": dict(config), "seeds": [int(s) for s in seeds],
-                "code_version": code_version or current_code_version(), "started": _now()}))
+            session_json = json.loads(
+                json.dumps(
+                    {
+                        "config": dict(config),
+                        "seeds": [int(s) for s in seeds],
+                        "code_version": code_version or current_code_version(),
+                        "started": _now(),
+                    }
+                )
+            )
         except (TypeError, ValueError) as e:
             raise StoreError(f"config/seeds: not JSON-serialisable ({e})") from None
-        identity = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
-                    "columns": [c.to_json() for c in self.columns],
-                    "env": json.loads(json.dumps(dataclasses.asdict(spec))),
-                    "checkpoint": {"path": str(checkpoint["path"]),
-                                   "sha256": str(checkpoint["sha256"])}}
+        identity = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "columns": [c.to_json() for c in self.columns],
+            "env": json.loads(json.dumps(dataclasses.asdict(spec))),
+            "checkpoint": {"path": str(checkpoint["path"]), "sha256": str(checkpoint["sha256"])},
+        }
         exists = self.path.exists()
         if exists:
             self._check_identity(identity)  # before any write: a mismatch changes nothing
@@ -523,17 +571,27 @@ class StoreWriter:
             committed = [c["file"] for c in self._chunks]
             stray = _uncommitted(self.path, committed)
             if stray:
-                warnings.warn(f"store {self.path}: removing {len(stray)} uncommitted file(s) "
-                              f"left by an interrupted writer: {[p.name for p in stray]}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"store {self.path}: removing {len(stray)} uncommitted file(s) "
+                    f"left by an interrupted writer: {[p.name for p in stray]}",
+                    stacklevel=2,
+                )
                 for p in stray:
                     p.unlink()
             (self.path / _CHUNKS).mkdir(exist_ok=True)
             store = EpisodeStore(self.path)
-            self._ids = set() if not self._chunks else set(np.concatenate(
-                [b["episode_id"] for b in store.iter_batches(["episode_id"], 1 << 16)]).tolist())
-            self._next = 1 + max((int(_CHUNK_NAME.match(f).group(1)) for f in committed),
-                                 default=-1)
+            self._ids = (
+                set()
+                if not self._chunks
+                else set(
+                    np.concatenate(
+                        [b["episode_id"] for b in store.iter_batches(["episode_id"], 1 << 16)]
+                    ).tolist()
+                )
+            )
+            self._next = 1 + max(
+                (int(_CHUNK_NAME.match(f).group(1)) for f in committed), default=-1
+            )
         except BaseException:
             self.close()
             raise
@@ -546,31 +604,41 @@ class StoreWriter:
             raise StoreError(f"store {root}: exists and is not a directory; nothing written")
         if not (root / _META).exists():
             if any(root.iterdir()):
-                raise StoreError(f"store {root}: exists, is not empty and has no {_META}; "
-                                 f"refusing to write into it")
+                raise StoreError(
+                    f"store {root}: exists, is not empty and has no {_META}; "
+                    f"refusing to write into it"
+                )
             return
         have = _load_meta(root)
         refuse = "refusing to append (nothing written)"
         if have.get("schema_version") != want["schema_version"]:
-            raise StoreError(f"store {root}: schema version {have.get('schema_version')} on disk, "
-                             f"this code writes {want['schema_version']}; {refuse}")
+            raise StoreError(
+                f"store {root}: schema version {have.get('schema_version')} on disk, "
+                f"this code writes {want['schema_version']}; {refuse}"
+            )
         for key, value in want["env"].items():
             if have["env"].get(key) != value:
-                raise StoreError(f"store {root}: env {key} is {have['env'].get(key)!r} on disk, "
-                                 f"{value!r} requested; {refuse}")
+                raise StoreError(
+                    f"store {root}: env {key} is {have['env'].get(key)!r} on disk, "
+                    f"{value!r} requested; {refuse}"
+                )
         h, w = have["checkpoint"], want["checkpoint"]
         if h["sha256"] != w["sha256"]:
-            raise StoreError(f"store {root}: written from checkpoint {h['path']} (sha256 "
-                             f"{h['sha256'][:12]}), not {w['path']} (sha256 {w['sha256'][:12]}); "
-                             f"{refuse}")
+            raise StoreError(
+                f"store {root}: written from checkpoint {h['path']} (sha256 "
+                f"{h['sha256'][:12]}), not {w['path']} (sha256 {w['sha256'][:12]}); "
+                f"{refuse}"
+            )
         old = {c["name"]: Column.from_json(c) for c in have["columns"]}
         new = {c["name"]: Column.from_json(c) for c in want["columns"]}
         for name in [*old, *(n for n in new if n not in old)]:
             a, b = old.get(name), new.get(name)
             if a != b:
-                raise StoreError(f"store {root}: field {name!r} is "
-                                 f"{a.describe() if a else 'absent'} on disk, "
-                                 f"{b.describe() if b else 'absent'} requested; {refuse}")
+                raise StoreError(
+                    f"store {root}: field {name!r} is "
+                    f"{a.describe() if a else 'absent'} on disk, "
+                    f"{b.describe() if b else 'absent'} requested; {refuse}"
+                )
 
     def _lock(self, create: bool) -> int:
         if create:
@@ -606,11 +674,20 @@ class StoreWriter:
         sessions = self._sessions
         if self._session_index is None:  # a session is recorded with its first chunk
             sessions = [*self._sessions, self._session]
-        info = ChunkInfo(name, int(ids.size), len(data), hashlib.sha256(data).hexdigest(),
-                         int(ids.min()), int(ids.max()), len(sessions) - 1)
+        info = ChunkInfo(
+            name,
+            int(ids.size),
+            len(data),
+            hashlib.sha256(data).hexdigest(),
+            int(ids.min()),
+            int(ids.max()),
+            len(sessions) - 1,
+        )
         chunk_list = [*self._chunks, dataclasses.asdict(info)]
-        _atomic_write(self.path / _MANIFEST,
-                      _dump({"format": FORMAT, "chunks": chunk_list, "sessions": sessions}))
+        _atomic_write(
+            self.path / _MANIFEST,
+            _dump({"format": FORMAT, "chunks": chunk_list, "sessions": sessions}),
+        )
         # the commit landed: only now update in-memory state
         self._chunks, self._sessions, self._session_index = chunk_list, sessions, info.session
         self._ids.update(ids.tolist())
@@ -635,16 +712,23 @@ class StoreWriter:
 class EpisodeStore:
     """Read-only view of the committed chunks of a store (see ``open_store``)."""
 
-    def __init__(self, path: str | os.PathLike,
-                 on_corrupt: Literal["raise", "skip"] = "raise") -> None:
+    def __init__(
+        self, path: str | os.PathLike, on_corrupt: Literal["raise", "skip"] = "raise"
+    ) -> None:
         if on_corrupt not in ("raise", "skip"):
             raise StoreError(f"on_corrupt: expected 'raise' or 'skip', got {on_corrupt!r}")
         self.path = Path(path)
         meta = _load_meta(self.path)
         manifest = _load_manifest(self.path)
-        self.meta = StoreMeta(self.path, meta["schema_version"],
-                              tuple(Column.from_json(c) for c in meta["columns"]), meta["env"],
-                              meta["checkpoint"], meta["created"], tuple(manifest["sessions"]))
+        self.meta = StoreMeta(
+            self.path,
+            meta["schema_version"],
+            tuple(Column.from_json(c) for c in meta["columns"]),
+            meta["env"],
+            meta["checkpoint"],
+            meta["created"],
+            tuple(manifest["sessions"]),
+        )
         self._columns = {c.name: c for c in self.meta.columns}
         self.chunks: list[ChunkInfo] = []
         self.skipped: list[tuple[str, str]] = []
@@ -654,12 +738,15 @@ class EpisodeStore:
             if problem is None:
                 self.chunks.append(info)
             elif on_corrupt == "raise":
-                raise StoreError(f"store {self.path}: chunk {info.file} {problem} "
-                                 f"(open with on_corrupt='skip' to read the other chunks)")
+                raise StoreError(
+                    f"store {self.path}: chunk {info.file} {problem} "
+                    f"(open with on_corrupt='skip' to read the other chunks)"
+                )
             else:
                 self.skipped.append((info.file, problem))
-                warnings.warn(f"store {self.path}: skipping chunk {info.file}: {problem}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"store {self.path}: skipping chunk {info.file}: {problem}", stacklevel=2
+                )
         self.uncommitted = _uncommitted(self.path, [e["file"] for e in manifest["chunks"]])
 
     def _file(self, info: ChunkInfo) -> Path:
@@ -692,8 +779,9 @@ class EpisodeStore:
             raise StoreError("fields: expected at least one field name (or None for all)")
         bad = [f for f in fields if f not in self._columns]
         if bad:
-            raise StoreError(f"fields: {bad[0]!r} is not in store {self.path}; "
-                             f"stored: {list(self._columns)}")
+            raise StoreError(
+                f"fields: {bad[0]!r} is not in store {self.path}; stored: {list(self._columns)}"
+            )
         return [self._columns[f] for f in fields]
 
     @contextlib.contextmanager
@@ -702,8 +790,9 @@ class EpisodeStore:
         try:
             yield
         except (pa.ArrowException, OSError) as e:
-            raise StoreError(f"store {self.path}: chunk {info.file} is corrupt "
-                             f"({type(e).__name__}: {e})") from None
+            raise StoreError(
+                f"store {self.path}: chunk {info.file} is corrupt ({type(e).__name__}: {e})"
+            ) from None
 
     @property
     def columns(self) -> tuple[Column, ...]:
@@ -716,8 +805,9 @@ class EpisodeStore:
     def __len__(self) -> int:
         return self.n_episodes
 
-    def iter_batches(self, fields: Iterable[str] | None = None,
-                     batch_episodes: int = 1024) -> Iterator[dict[str, np.ndarray]]:
+    def iter_batches(
+        self, fields: Iterable[str] | None = None, batch_episodes: int = 1024
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Stream the committed episodes in order as dicts of arrays [B, *shape].
 
         Every batch holds exactly ``batch_episodes`` episodes except the last (fixed shapes:
@@ -733,7 +823,8 @@ class EpisodeStore:
         for info in self.chunks:
             with self._reading(info):
                 batches = self._parquet(info).iter_batches(
-                    batch_size=min(batch_episodes, ROW_GROUP_EPISODES), columns=names)
+                    batch_size=min(batch_episodes, ROW_GROUP_EPISODES), columns=names
+                )
             while True:
                 with self._reading(info):
                     rb = next(batches, None)
@@ -764,14 +855,14 @@ class EpisodeStore:
                 if rows.size == 0:
                     continue
                 # the row group holding the row, and the row's offset inside it
-                ends = np.cumsum([pf.metadata.row_group(g).num_rows
-                                  for g in range(pf.num_row_groups)])
+                ends = np.cumsum(
+                    [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+                )
                 group = int(np.searchsorted(ends, rows[0], side="right"))
                 offset = int(rows[0]) - (int(ends[group - 1]) if group else 0)
                 table = pf.read_row_group(group, columns=[c.name for c in cols])
                 table = table.slice(offset, 1)
-            return {c.name: _from_arrow(c, table.column(c.name).combine_chunks())[0]
-                    for c in cols}
+            return {c.name: _from_arrow(c, table.column(c.name).combine_chunks())[0] for c in cols}
         raise KeyError(f"episode {episode_id} is not in store {self.path}")
 
     def ground_truth(self) -> pd.DataFrame:
@@ -782,8 +873,14 @@ class EpisodeStore:
             with self._reading(info):
                 tables.append(self._parquet(info).read(columns=names))
         if not tables:
-            return pd.DataFrame({n: pd.Series(dtype=object if self._columns[n].dtype == "str"
-                                              else self._columns[n].dtype) for n in names})
+            return pd.DataFrame(
+                {
+                    n: pd.Series(
+                        dtype=object if self._columns[n].dtype == "str" else self._columns[n].dtype
+                    )
+                    for n in names
+                }
+            )
         return pa.concat_tables(tables).to_pandas()
 
     def verify(self) -> list[tuple[str, str]]:
@@ -799,8 +896,9 @@ class EpisodeStore:
         return problems
 
 
-def open_store(path: str | os.PathLike,
-               on_corrupt: Literal["raise", "skip"] = "raise") -> EpisodeStore:
+def open_store(
+    path: str | os.PathLike, on_corrupt: Literal["raise", "skip"] = "raise"
+) -> EpisodeStore:
     """Open a store for reading. Only committed chunks are visible; a committed chunk that is
     missing, truncated or unreadable raises a ``StoreError`` naming it, or with
     ``on_corrupt="skip"`` is left out with a warning and listed in ``store.skipped``."""

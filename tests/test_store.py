@@ -59,8 +59,12 @@ def make_batch(spec: EnvSpec, ids: range, seed: int = 0) -> dict[str, np.ndarray
 
 
 def writer(path: Path, spec: EnvSpec = DISCRETE, **kw) -> st.StoreWriter:
-    args = {"checkpoint": CKPT, "config": {"attack": "worst_action"}, "seeds": [0, 1],
-            "code_version": "test"} | kw
+    args = {
+        "checkpoint": CKPT,
+        "config": {"attack": "worst_action"},
+        "seeds": [0, 1],
+        "code_version": "test",
+    } | kw
     return st.StoreWriter(path, spec, **args)
 
 
@@ -76,9 +80,11 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
 
 def snapshot(path: Path) -> dict[str, tuple[str, int]]:
     """Every file under path with its content hash and mtime: detects any modification."""
-    return {str(p.relative_to(path)): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                       p.stat().st_mtime_ns)
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("spec", [DISCRETE, CONTINUOUS], ids=["discrete", "continuous"])
@@ -124,8 +130,10 @@ def test_append_across_sessions_and_single_writer(tmp_path: Path) -> None:
     assert [c.session for c in s.chunks] == [0, 1, 1]
     assert s.meta.seeds == [0, 1] and s.meta.sessions[1]["config"] == {"attack": "fgsm"}
     assert s.ground_truth()["episode_id"].tolist() == list(range(13))
-    assert_same(s.episode(7, ["obs_true", "influence"]),
-                {"obs_true": b2["obs_true"][1], "influence": b2["influence"][1]})
+    assert_same(
+        s.episode(7, ["obs_true", "influence"]),
+        {"obs_true": b2["obs_true"][1], "influence": b2["influence"][1]},
+    )
 
 
 CRASH = textwrap.dedent("""
@@ -158,15 +166,20 @@ def test_writer_killed_mid_chunk(tmp_path: Path, mode: str) -> None:
     s = st.open_store(path)
     assert len(s) == 5 and len(s.uncommitted) == 1
     leftover = s.uncommitted[0].name
-    assert leftover.startswith(".tmp-") if mode == "mid_write" else leftover == (
-        "chunk-000001.parquet")
+    assert (
+        leftover.startswith(".tmp-")
+        if mode == "mid_write"
+        else leftover == ("chunk-000001.parquet")
+    )
     assert_same(concat(list(s.iter_batches())), make_batch(DISCRETE, range(0, 5)))
     with pytest.warns(UserWarning, match="removing 1 uncommitted"), writer(path) as w:
         w.append(make_batch(DISCRETE, range(5, 9)))
     s = st.open_store(path)
     assert s.uncommitted == [] and s.verify() == []
-    assert_same(concat(list(s.iter_batches())),
-                concat([make_batch(DISCRETE, range(0, 5)), make_batch(DISCRETE, range(5, 9))]))
+    assert_same(
+        concat(list(s.iter_batches())),
+        concat([make_batch(DISCRETE, range(0, 5)), make_batch(DISCRETE, range(5, 9))]),
+    )
 
 
 def test_stray_files_are_never_data(tmp_path: Path) -> None:
@@ -205,11 +218,14 @@ def test_corrupt_page_is_detected_and_ground_truth_reads_no_step_arrays(tmp_path
         w.append(make_batch(DISCRETE, range(0, 8)))
     chunk = path / "chunks" / "chunk-000000.parquet"
     meta = pq.read_metadata(chunk).row_group(0)
-    obs = next(meta.column(i) for i in range(meta.num_columns)
-               if meta.column(i).path_in_schema.startswith("obs_true"))
+    obs = next(
+        meta.column(i)
+        for i in range(meta.num_columns)
+        if meta.column(i).path_in_schema.startswith("obs_true")
+    )
     data = bytearray(chunk.read_bytes())
     middle = obs.data_page_offset + obs.total_compressed_size // 2
-    data[middle:middle + 64] = bytes(64)  # same size: only checksums can tell
+    data[middle : middle + 64] = bytes(64)  # same size: only checksums can tell
     chunk.write_bytes(bytes(data))
     s = st.open_store(path)
     assert s.ground_truth()["episode_id"].tolist() == list(range(8))
@@ -218,15 +234,24 @@ def test_corrupt_page_is_detected_and_ground_truth_reads_no_step_arrays(tmp_path
     assert s.verify() == [("chunk-000000.parquet", "sha256 differs from the manifest")]
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"spec": EnvSpec("simple_spread", 5, 30, 5, True, 25, 130)},
-     "env num_agents is 3 on disk, 5 requested"),
-    ({"spec": CONTINUOUS}, "env discrete is True on disk, False requested"),
-    ({"checkpoint": {"path": "/ckpt/other", "sha256": "cd" * 32}},
-     "written from checkpoint /ckpt/maddpg_n3"),
-    ({"optional_fields": ["critic_actions"]},
-     r"field 'critic_actions' is absent on disk, float32 \[B, 25, 3, 5\] requested"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            {"spec": EnvSpec("simple_spread", 5, 30, 5, True, 25, 130)},
+            "env num_agents is 3 on disk, 5 requested",
+        ),
+        ({"spec": CONTINUOUS}, "env discrete is True on disk, False requested"),
+        (
+            {"checkpoint": {"path": "/ckpt/other", "sha256": "cd" * 32}},
+            "written from checkpoint /ckpt/maddpg_n3",
+        ),
+        (
+            {"optional_fields": ["critic_actions"]},
+            r"field 'critic_actions' is absent on disk, float32 \[B, 25, 3, 5\] requested",
+        ),
+    ],
+)
 def test_identity_mismatch_changes_nothing(tmp_path: Path, change: dict, message: str) -> None:
     path = tmp_path / "s"
     with writer(path) as w:
@@ -275,8 +300,10 @@ def test_lazy_iteration_has_bounded_memory(tmp_path: Path) -> None:
     batch_bytes, chunk_bytes = 16 * 2 * 25 * 5 * 30 * 4, 50 * 2 * 25 * 5 * 30 * 4
     assert 6 * batch_bytes < total / 10 and 4 * chunk_bytes < total / 5
     assert numpy_peak < 6 * batch_bytes and arrow_peak < 4 * chunk_bytes, (numpy_peak, arrow_peak)
-    want = sum(float(make_batch(spec, range(50 * c, 50 * c + 50))["obs_true"][:, 0, 0, 0].sum())
-               for c in range(24))
+    want = sum(
+        float(make_batch(spec, range(50 * c, 50 * c + 50))["obs_true"][:, 0, 0, 0].sum())
+        for c in range(24)
+    )
     assert checksum == pytest.approx(want, rel=1e-6)
 
 
@@ -284,24 +311,38 @@ def _bad(key: str, value):
     return lambda b: {**b, key: value(b[key]) if callable(value) else value}
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda b: {k: v for k, v in b.items() if k != "rewards"},
-     r"batch: missing field 'rewards' \(float32 \[B, 25, 3\]\)"),
-    (lambda b: {**b, "reward": b["rewards"]}, "batch: unknown field 'reward'"),
-    (_bad("obs_true", lambda v: v[:, :, :, :17]),
-     r"field 'obs_true': expected float32 \[B=4, 25, 3, 18\], got float32 \[4, 25, 3, 17\]"),
-    (_bad("actions", lambda v: v.astype(np.float32)), "field 'actions': .* got dtype float32"),
-    (_bad("actions", lambda v: v + 5), r"field 'actions': values must lie in \[0, 5\), found"),
-    (_bad("valid", lambda v: v.astype(np.int8)), "field 'valid': .* got dtype int8"),
-    (_bad("rewards", lambda v: np.where(np.arange(4)[:, None, None] == 2, np.nan, v)),
-     r"field 'rewards': non-finite values in batch rows \[2\]"),
-    (_bad("influence", lambda v: np.array(["none", "hi", "none", "low"])),
-     "field 'influence': value 'hi' is not one of"),
-    (_bad("clean", lambda v: np.ones_like(v)), "field 'influence': must be 'none' exactly"),
-    (_bad("episode_id", lambda v: np.array([0, 1, 1, 2])), "duplicate id 1 in batch"),
-    (_bad("replay_key", lambda v: np.full(v.shape, -1)), "field 'replay_key': values do not fit"),
-    (_bad("attack", lambda v: np.arange(4)), "field 'attack': expected strings"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda b: {k: v for k, v in b.items() if k != "rewards"},
+            r"batch: missing field 'rewards' \(float32 \[B, 25, 3\]\)",
+        ),
+        (lambda b: {**b, "reward": b["rewards"]}, "batch: unknown field 'reward'"),
+        (
+            _bad("obs_true", lambda v: v[:, :, :, :17]),
+            r"field 'obs_true': expected float32 \[B=4, 25, 3, 18\], got float32 \[4, 25, 3, 17\]",
+        ),
+        (_bad("actions", lambda v: v.astype(np.float32)), "field 'actions': .* got dtype float32"),
+        (_bad("actions", lambda v: v + 5), r"field 'actions': values must lie in \[0, 5\), found"),
+        (_bad("valid", lambda v: v.astype(np.int8)), "field 'valid': .* got dtype int8"),
+        (
+            _bad("rewards", lambda v: np.where(np.arange(4)[:, None, None] == 2, np.nan, v)),
+            r"field 'rewards': non-finite values in batch rows \[2\]",
+        ),
+        (
+            _bad("influence", lambda v: np.array(["none", "hi", "none", "low"])),
+            "field 'influence': value 'hi' is not one of",
+        ),
+        (_bad("clean", lambda v: np.ones_like(v)), "field 'influence': must be 'none' exactly"),
+        (_bad("episode_id", lambda v: np.array([0, 1, 1, 2])), "duplicate id 1 in batch"),
+        (
+            _bad("replay_key", lambda v: np.full(v.shape, -1)),
+            "field 'replay_key': values do not fit",
+        ),
+        (_bad("attack", lambda v: np.arange(4)), "field 'attack': expected strings"),
+    ],
+)
 def test_batch_validation_errors(tmp_path: Path, edit, message: str) -> None:
     with writer(tmp_path / "s") as w:
         with pytest.raises(st.StoreError, match=message) as e:
@@ -313,8 +354,12 @@ def test_batch_validation_errors(tmp_path: Path, edit, message: str) -> None:
 
 def test_lossless_casts_are_accepted(tmp_path: Path) -> None:
     b = make_batch(DISCRETE, range(0, 3))
-    b = {**b, "obs_true": b["obs_true"].astype(np.float64), "victim": b["victim"].tolist(),
-         "actions": b["actions"].astype(np.int64)}
+    b = {
+        **b,
+        "obs_true": b["obs_true"].astype(np.float64),
+        "victim": b["victim"].tolist(),
+        "actions": b["actions"].astype(np.int64),
+    }
     with writer(tmp_path / "s") as w:
         w.append(b)
     got = concat(list(st.open_store(tmp_path / "s").iter_batches(["obs_true", "victim"])))
@@ -324,8 +369,13 @@ def test_lossless_casts_are_accepted(tmp_path: Path) -> None:
 
 def test_write_table_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "out" / "verdicts.parquet"
-    df = pd.DataFrame({"episode_id": np.arange(5), "patient0": [0, 2, 1, 0, 2],
-                       "attack": ["none", "worst_action", "fgsm", "none", "pgd"]})
+    df = pd.DataFrame(
+        {
+            "episode_id": np.arange(5),
+            "patient0": [0, 2, 1, 0, 2],
+            "attack": ["none", "worst_action", "fgsm", "none", "pgd"],
+        }
+    )
     st.write_table(df, path, metadata={"store": "/runs/s", "k": 2})
     pd.testing.assert_frame_equal(pd.read_parquet(path), df)
     assert st.read_table_metadata(path) == {"store": "/runs/s", "k": 2}
