@@ -58,7 +58,7 @@ from flax import struct
 from jax.flatten_util import ravel_pytree
 
 from agents.maddpg import greedy_actions
-from agents.networks import ACTIVATIONS, MLP, Actor, init_stacked
+from agents.networks import ACTIVATIONS, MLP, Actor, actor_for, init_stacked
 from agents.trainer import Trainer, parse_algo_config
 from envs.base import EnvSpec, MultiAgentEnv
 
@@ -226,14 +226,7 @@ class StateValue(nn.Module):
 
 def build_actor(spec: EnvSpec, cfg: HatrpoConfig) -> Actor:
     """The actor network: logits (discrete) or the Gaussian mean in the action box."""
-    return Actor(
-        hidden=cfg.actor_hidden,
-        action_dim=spec.action_dim,
-        discrete=spec.discrete,
-        action_low=spec.action_low,
-        action_high=spec.action_high,
-        activation=cfg.activation,
-    )
+    return actor_for(spec, cfg.actor_hidden, cfg.activation)
 
 
 def make_policy_head(spec: EnvSpec, cfg: HatrpoConfig) -> PolicyHead:

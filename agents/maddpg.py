@@ -53,6 +53,7 @@ from agents.networks import (
     ACTIVATIONS,
     Actor,
     Critic,
+    actor_for,
     agent_specific_leaves,
     init_shared,
     init_stacked,
@@ -133,14 +134,7 @@ class MaddpgConfig:
 # --------------------------------------------------------------------- networks & actions
 def build_networks(spec: EnvSpec, cfg: MaddpgConfig) -> tuple[Actor, Critic]:
     """The actor and critic modules for ``spec`` (apply them with stacked params)."""
-    actor = Actor(
-        hidden=cfg.actor_hidden,
-        action_dim=spec.action_dim,
-        discrete=spec.discrete,
-        action_low=spec.action_low,
-        action_high=spec.action_high,
-        activation=cfg.activation,
-    )
+    actor = actor_for(spec, cfg.actor_hidden, cfg.activation)
     return actor, Critic(hidden=cfg.critic_hidden, activation=cfg.activation)
 
 

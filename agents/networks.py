@@ -16,6 +16,7 @@ Conventions shared by training, attacks and forensics:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,6 +66,18 @@ class Actor(nn.Module):
         if self.discrete:
             return out
         return self.action_low + (self.action_high - self.action_low) * nn.sigmoid(out)
+
+
+def actor_for(spec: Any, hidden: Sequence[int], activation: str) -> Actor:
+    """The actor for an env spec (``envs.base.EnvSpec``): its action size, kind and box."""
+    return Actor(
+        hidden=hidden,
+        action_dim=spec.action_dim,
+        discrete=spec.discrete,
+        action_low=spec.action_low,
+        action_high=spec.action_high,
+        activation=activation,
+    )
 
 
 class Critic(nn.Module):
