@@ -285,7 +285,7 @@ def load(run_dir: str | Path, policy_env_steps: int) -> tuple[Critic, Params, di
         found = "none" if step is None else f"one for env step {step:,}"
         raise FileNotFoundError(
             f"{where}: no probe critic for the policy checkpoint at env step "
-            f"{policy_env_steps:,} (found {found}); fit one with agents.probe_critic.fit_and_save"
+            f"{policy_env_steps:,} (found {found}); fit one with `forensics fit-probe {run_dir}`"
         )
     restored = mngr.restore(
         step,

@@ -11,7 +11,15 @@ import importlib
 
 import typer
 
-SUBCOMMANDS = ("train", "evaluate_policy", "rollout", "diagnose", "evaluate", "report")
+SUBCOMMANDS = (
+    "train",
+    "evaluate_policy",
+    "fit_probe",
+    "rollout",
+    "diagnose",
+    "evaluate",
+    "report",
+)
 
 HELP = """Failure forensics for cooperative multi-agent RL.
 

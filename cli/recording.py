@@ -130,15 +130,12 @@ def rollout_config(
 
 
 def team_of(policy: checkpoint.Policy) -> tuple[Team, Params, Params | None]:
-    """(Team, stacked actor params, stacked critic params or None) of a loaded policy."""
-    algo = policy.config["algo"]
-    if algo["name"] != "maddpg":
-        raise ConfigError(f"algo.name: no rollout policy for algorithm {algo['name']!r}")
-    from agents import maddpg
+    """(Team, stacked actor params, stacked critic params) of a loaded policy."""
+    from agents.forensic_networks import forensic_networks
 
-    actor, critic = maddpg.build_networks(policy.env.spec, maddpg.MaddpgConfig.from_mapping(algo))
-    team = Team(policy.env.spec, actor.apply, critic.apply)
-    return team, policy.params["actor"], policy.params.get("critic")
+    nets = forensic_networks(policy)
+    team = Team(policy.env.spec, nets.actor_apply, nets.critic_apply)
+    return team, nets.actor_params, nets.critic_params
 
 
 def policy_identity(policy: checkpoint.Policy) -> dict[str, str]:

@@ -279,20 +279,16 @@ class Model(NamedTuple):
 
 
 def model_from_policy(policy: Any, stage1: Stage1Config) -> Model:
-    """The networks of a loaded ``agents.checkpoint.Policy`` (MADDPG: actors + Q critics)."""
-    algo = policy.config["algo"]
-    spec = policy.env.spec
-    if algo["name"] != "maddpg":
-        raise ConfigError(
-            f"algo.name: diagnose has no critic adapter for {algo['name']!r} (supported: maddpg)"
-        )
-    from agents import maddpg
+    """The networks of a loaded ``agents.checkpoint.Policy``: actors + action-value critics
+    (MADDPG's own; HATRPO's probe critics), ``agents.forensic_networks``."""
+    from agents.forensic_networks import forensic_networks
 
-    actor, critic = maddpg.build_networks(spec, maddpg.MaddpgConfig.from_mapping(algo))
+    spec = policy.env.spec
+    nets = forensic_networks(policy)
     s1 = dataclasses.replace(stage1, discrete=spec.discrete)
-    inst = Instruments(actor.apply, critic.apply, spec.discrete, spec.action_dim, s1)
-    params = {"actor": policy.params["actor"], "critic": policy.params["critic"]}
-    return Model(inst, params, PAPER_K[algo["name"]])
+    inst = Instruments(nets.actor_apply, nets.critic_apply, spec.discrete, spec.action_dim, s1)
+    params = {"actor": nets.actor_params, "critic": nets.critic_params}
+    return Model(inst, params, PAPER_K[policy.config["algo"]["name"]])
 
 
 # --------------------------------------------------------------------------- measure
