@@ -17,11 +17,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# Train MADDPG on Simple Spread N=3 (discrete actions, CPU), then evaluate the checkpoint
-# over 500 greedy episodes. Re-running resumes, or only re-evaluates a finished run.
+# Train MADDPG on Simple Spread N=3 (discrete actions, CPU), evaluate the checkpoint over
+# 500 greedy episodes, then the forensics loop: the paper's paired worst-action protocol on
+# 100 seeds, clean calibration episodes of other seeds, diagnose, and the accuracy table.
+# Re-running resumes training and recording (finished parts are skipped).
 demo: install
 	$(BIN)/forensics train train.eval_episodes=0
 	$(BIN)/forensics evaluate-policy $(DEMO_RUN) --episodes 500
+	$(BIN)/forensics rollout $(DEMO_RUN) -o stores/demo-worst --seeds 0:100 --no-progress
+	$(BIN)/forensics rollout $(DEMO_RUN) -o stores/demo-clean --seeds 100000:100500 \
+	  --no-progress attack=none
+	$(BIN)/forensics diagnose stores/demo-worst -c stores/demo-clean --no-progress
+	$(BIN)/forensics evaluate stores/demo-worst/diagnosis
 
 # The default suite (slow tests excluded, see pyproject). Exit status 5 means pytest
 # collected no tests: a broken suite, not a pass, so it fails with a message.
