@@ -163,6 +163,15 @@ def load_policy(run_dir: str | Path, config: Mapping[str, Any] | None = None) ->
     return Policy(env, restored["policy"], meta["config"], meta["env_steps"], run_dir)
 
 
+def policy_item(policy: Policy) -> Path:
+    """The newest checkpoint's ``policy`` item of a loaded run: what an episode store's
+    checkpoint hash identifies (acting needs only it, not the train state)."""
+    path = policy.run_dir / CHECKPOINT_DIR / str(policy.env_steps) / "policy"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: the policy item of the newest checkpoint is missing")
+    return path.resolve()
+
+
 def greedy_act_fn(policy: Policy) -> Callable[[jax.Array], jax.Array]:
     """``obs [N, O] -> env actions`` of the policy's deterministic (greedy) actors."""
     algo = policy.config["algo"]

@@ -24,6 +24,31 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", str(cache_home / "marl-forensics" / "jax"))
 
 
+def progress_bar(console: Any, enabled: bool, unit: str) -> Any:
+    """A rich progress bar counting ``unit`` (done/total, elapsed, eta); ``enabled=False``
+    keeps the console free for logs (``--no-progress``, ``train.progress=false``)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
+
+
 def invocation(ctx: Any) -> str:
     """The running subcommand (its ``typer.Context``) as a command line that re-runs it,
     rebuilt from the parsed parameters (``sys.argv`` belongs to whatever process hosts the

@@ -35,6 +35,8 @@ def fit_probe(
 
     enable_compilation_cache()
     with one_line_errors():
+        import yaml
+
         from agents import probe_critic
         from configs.schema import ConfigError
 
@@ -43,7 +45,7 @@ def fit_probe(
             key, sep, value = item.partition("=")
             if not sep or not key.startswith("probe."):
                 raise ConfigError(f"{item}: expected probe.<field>=<value>")
-            fields[key.removeprefix("probe.")] = _value(value)
+            fields[key.removeprefix("probe.")] = yaml.safe_load(value)  # 4096, 1e-3, [64,64]
         try:
             cfg = probe_critic.ProbeConfig.from_mapping(fields)
         except ValueError as err:  # unknown field or bad value: one line, nothing fitted
@@ -56,13 +58,6 @@ def fit_probe(
         f"held-out R² per agent {r2} over {report['holdout_episodes']} episodes"
     )
     typer.echo(json.dumps(meta["probe_config"]))
-
-
-def _value(text: str):
-    """A YAML-ish scalar or list: 4096 → int, 1e-3 → float, [64,64] → list, else str."""
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def register(app: typer.Typer) -> None:

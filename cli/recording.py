@@ -140,10 +140,7 @@ def team_of(policy: checkpoint.Policy) -> tuple[Team, Params, Params | None]:
 
 def policy_identity(policy: checkpoint.Policy) -> dict[str, str]:
     """The checkpoint identity a store is bound to: the hash of the restored policy item."""
-    path = policy.run_dir / checkpoint.CHECKPOINT_DIR / str(policy.env_steps) / "policy"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: the policy item of the newest checkpoint is missing")
-    return st.checkpoint_identity(path)
+    return st.checkpoint_identity(checkpoint.policy_item(policy))
 
 
 # ------------------------------------------------------------------------ protocol

@@ -60,7 +60,7 @@ def rollout(
 
     from agents import checkpoint
     from agents.attacks import Attack
-    from cli import enable_compilation_cache, invocation, one_line, recording
+    from cli import enable_compilation_cache, invocation, one_line, progress_bar, recording
     from forensics.store import open_store
 
     console = Console(soft_wrap=True)
@@ -78,7 +78,7 @@ def rollout(
             "seeds": seeds,
             "chunk_seeds": chunk_seeds,
         }
-        with _progress_bar(console, progress) as bar:
+        with progress_bar(console, progress, "episodes") as bar:
             task = bar.add_task("rollout", total=len(seed_list) * per_seed)
             start = time.perf_counter()
             done = recording.record(
@@ -105,29 +105,6 @@ def rollout(
         )
         raise typer.Exit(130) from None
     _report(console, out, attack, done, per_seed, wall, store, table, written)
-
-
-def _progress_bar(console, enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("episodes"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
 
 
 def _report(console, out, attack, done, per_seed, wall, store, table, written) -> None:

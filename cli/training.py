@@ -23,17 +23,10 @@ from typing import Any
 import jax
 from omegaconf import OmegaConf
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from agents import checkpoint
 from agents.trainer import Trainer, make_trainer
+from cli import progress_bar
 from cli.evaluate_policy import evaluate, summary_line
 from configs.schema import ConfigError
 from envs import MultiAgentEnv
@@ -100,20 +93,6 @@ def _to_json(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("env steps"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
-
-
 def _initial_state(
     trainer: Trainer, mngr: Any, meta: Mapping[str, Any] | None, seed: int
 ) -> tuple[Any, int]:
@@ -175,7 +154,8 @@ def run(
 
     per_chunk = trainer.env_steps_per_chunk
     total_chunks = max(1, math.ceil(train["total_env_steps"] / per_chunk))
-    with _progress(console, train["progress"]) as progress, metrics_path.open("a") as log:
+    bar_ctx = progress_bar(console, train["progress"], "env steps")
+    with bar_ctx as progress, metrics_path.open("a") as log:
         total = total_chunks * per_chunk
         bar = progress.add_task("train", total=total, completed=chunk * per_chunk)
         while chunk < total_chunks:

@@ -544,17 +544,6 @@ class Inputs(NamedTuple):
     checkpoint: dict[str, str]
 
 
-def policy_checkpoint(policy: Any) -> Path:
-    """The newest checkpoint's ``policy`` item: what a store's checkpoint hash identifies
-    (the item ``forensics rollout`` restores; the train state is not needed to act)."""
-    from agents import checkpoint
-
-    path = policy.run_dir / checkpoint.CHECKPOINT_DIR / str(policy.env_steps) / "policy"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: the policy item of the newest checkpoint is missing")
-    return path.resolve()
-
-
 def check_store(store: EpisodeStore, what: str, spec: Any, ckpt: Path, ident: dict) -> None:
     """The store was written for this env by this checkpoint, and is not empty."""
     have = store.meta.env
@@ -590,7 +579,7 @@ def open_inputs(
             "of other seeds from the same checkpoint)"
         )
     policy = checkpoint.load_policy(run_dir)
-    ckpt = policy_checkpoint(policy)
+    ckpt = checkpoint.policy_item(policy)
     ident = checkpoint_identity(ckpt)
     store = open_store(store_path, on_corrupt="skip")
     cal = open_store(calibration_path, on_corrupt="skip")

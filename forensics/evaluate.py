@@ -135,14 +135,17 @@ class Counterfactual(NamedTuple):
     team_clean: np.ndarray  # [E, T] the same in the counterfactual
 
 
-def counterfactuals(store: EpisodeStore, episode_ids: np.ndarray) -> Counterfactual:
+def counterfactuals(
+    store: EpisodeStore, episode_ids: np.ndarray, ground_truth: pd.DataFrame
+) -> Counterfactual:
     """Pair each episode with the clean episode of the same replay key (its counterfactual)
-    and measure the divergence and the team rewards of both."""
+    and measure the divergence and the team rewards of both (``ground_truth``: the store's,
+    already read by the caller, says which episodes are clean)."""
     import jax.numpy as jnp
 
     from agents import rollout as R
 
-    is_clean = store.ground_truth().set_index("episode_id")["clean"]
+    is_clean = ground_truth.set_index("episode_id")["clean"]
     fields = ["episode_id", "replay_key", "actions", "obs_true", "rewards", "valid"]
     clean: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     for b in store.iter_batches(fields, 1024):
@@ -205,7 +208,7 @@ def episode_table(diag: Diagnosis) -> pd.DataFrame:
     idx = np.asarray([row[int(i)] for i in v["episode_id"]])
     n_agents = int(diag.summary["env"]["num_agents"])
     attacked = ~v["clean"].to_numpy(bool)
-    cf = counterfactuals(store, v["episode_id"].to_numpy())
+    cf = counterfactuals(store, v["episode_id"].to_numpy(), gt)
     victim, start = v["victim"].to_numpy(), v["start"].to_numpy()
     window = v["window"].to_numpy()
     t_len = s["q"].shape[1]
