@@ -10,28 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_team
 from omegaconf import OmegaConf
 
 import configs
 from agents import attacks
 from agents.attacks import START_MODES, Attack, Step, Team
-from agents.networks import Actor, Critic, init_stacked
-from envs import make_env
 
 
 @functools.cache
 def real_team(n: int, continuous: bool):
-    """Simple Spread + randomly initialised real actor/critic networks + a few true obs."""
-    env = make_env("simple_spread", num_agents=n, continuous=continuous)
-    s = env.spec
-    actor = Actor(hidden=(16, 16), action_dim=s.action_dim, discrete=s.discrete)
-    critic = Critic(hidden=(16, 16))
-    ap = init_stacked(actor, jax.random.PRNGKey(0), n, jnp.zeros(s.obs_dim))
-    cp = init_stacked(
-        critic, jax.random.PRNGKey(1), n, jnp.zeros((n, s.obs_dim)), jnp.zeros((n, s.action_dim))
-    )
+    """``helpers.random_team`` plus a few true observations."""
+    env, team, ap, cp = random_team(n, continuous)
     obs = jax.jit(jax.vmap(lambda k: env.reset(k)[0]))(jax.random.split(jax.random.PRNGKey(2), 8))
-    return env, Team(s, actor.apply, critic.apply), ap, cp, obs
+    return env, team, ap, cp, obs
 
 
 def make_step(team: Team, ap, obs: jax.Array, victim: int, observed: int = 0) -> Step:

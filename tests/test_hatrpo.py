@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import leaves_equal
 from jax.flatten_util import ravel_pytree
 
 from agents import checkpoint, evaluate, hatrpo
@@ -32,13 +33,6 @@ TINY = {
     "num_envs": 4,
     "iterations_per_chunk": 1,
 }
-
-
-def leaves_equal(a, b) -> bool:
-    return all(
-        np.array_equal(x, y, equal_nan=True)
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    )
 
 
 def assert_trees_close(a, b) -> None:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import leaves_equal
 
 from agents import evaluate, maddpg, networks, replay
 from envs import make_env
@@ -25,13 +26,6 @@ TINY = {
     "iterations_per_chunk": 1,
     "warmup": 150,
 }
-
-
-def leaves_equal(a, b) -> bool:
-    return all(
-        np.array_equal(x, y, equal_nan=True)
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    )
 
 
 def trajectory(trainer, seed: int, chunks: int):

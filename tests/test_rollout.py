@@ -8,46 +8,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import leaves_equal, random_team
 
 from agents import attacks
 from agents import rollout as R
-from agents.attacks import Attack, Team
-from agents.networks import Actor, Critic, init_stacked
-from envs import make_env
+from agents.attacks import Attack
 
 N = 3
 SEEDS = np.arange(4)
 
 
-def leaves_equal(a, b) -> bool:
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
-
-
-@functools.cache
-def setup(continuous: bool):
-    env = make_env("simple_spread", num_agents=N, continuous=continuous)
-    s = env.spec
-    actor = Actor(hidden=(16, 16), action_dim=s.action_dim, discrete=s.discrete)
-    critic = Critic(hidden=(16, 16))
-    ap = init_stacked(actor, jax.random.PRNGKey(0), N, jnp.zeros(s.obs_dim))
-    cp = init_stacked(
-        critic, jax.random.PRNGKey(1), N, jnp.zeros((N, s.obs_dim)), jnp.zeros((N, s.action_dim))
-    )
-    return env, Team(s, actor.apply, critic.apply), ap, cp
-
-
 @functools.cache
 def paired(continuous: bool = False):
     """The paper's paired worst-action protocol on SEEDS, plus a rollout of the same attack."""
-    env, team, ap, cp = setup(continuous)
+    env, team, ap, cp = random_team(N, continuous)
     attack = Attack(name="worst_action")
     protocol = R.make_protocol(env, team, attack)
     return protocol, R.make_rollout(env, team, attack), protocol(ap, cp, SEEDS)
 
 
 def test_paired_protocol_shapes_and_ground_truth():
-    env, _, _, _ = setup(False)
+    env, _, _, _ = random_team(N, False)
     _, _, chunk = paired()
     T, M = env.spec.episode_length, N * (N - 1) * 2
     ep = chunk.attacked
@@ -84,7 +65,7 @@ def test_victim_takes_its_worst_action_and_nobody_else_is_touched():
     # worst_action never perturbs observations
     assert np.array_equal(ep.obs_perceived, ep.obs_true)
     # clean_actions are the greedy policy on the true obs
-    env, team, ap, _ = setup(False)
+    env, team, ap, _ = random_team(N, False)
     logits = jax.vmap(team.actor_apply)(ap, jnp.moveaxis(ep.obs_true, -2, 0))
     assert np.array_equal(jnp.argmax(jnp.moveaxis(logits, 0, -2), -1), ep.clean_actions)
     one_hot = jax.nn.one_hot(ep.actions, 5)
@@ -92,7 +73,7 @@ def test_victim_takes_its_worst_action_and_nobody_else_is_touched():
 
 
 def test_same_seeds_give_identical_arrays():
-    env, team, ap, cp = setup(False)
+    env, team, ap, cp = random_team(N, False)
     protocol, _, chunk = paired()
     again = protocol(ap, cp, SEEDS)
     assert leaves_equal(chunk, again)
@@ -101,7 +82,7 @@ def test_same_seeds_give_identical_arrays():
 
 
 def test_chunked_protocol_equals_one_call():
-    env, team, ap, cp = setup(False)
+    env, team, ap, cp = random_team(N, False)
     protocol, _, chunk = paired()
     # 5 seeds in chunks of 4: the last chunk is padded to the compiled size and trimmed
     parts = list(R.iter_protocol(protocol, ap, cp, np.arange(5), chunk_size=4))
@@ -112,7 +93,7 @@ def test_chunked_protocol_equals_one_call():
 
 
 def test_replay_reproduces_recorded_steps_exactly():
-    env, team, ap, cp = setup(False)
+    env, team, ap, cp = random_team(N, False)
     _, rollout, chunk = paired()
     ep = chunk.attacked
     # open loop: the env alone, from the recorded key and actions
@@ -126,7 +107,7 @@ def test_replay_reproduces_recorded_steps_exactly():
 
 
 def test_counterfactual_of_a_clean_episode_is_the_episode():
-    env, team, ap, cp = setup(False)
+    env, team, ap, cp = random_team(N, False)
     _, rollout, chunk = paired()
     cf = R.counterfactual(rollout, ap, cp, chunk.clean)
     assert leaves_equal(cf, chunk.clean)
@@ -135,7 +116,7 @@ def test_counterfactual_of_a_clean_episode_is_the_episode():
 
 
 def test_counterfactual_of_attacked_episodes_is_the_clean_seed_and_gives_divergence():
-    env, team, ap, cp = setup(False)
+    env, team, ap, cp = random_team(N, False)
     _, rollout, chunk = paired()
     ep = chunk.attacked
     cf = R.counterfactual(rollout, ap, cp, ep)
@@ -154,7 +135,7 @@ def test_counterfactual_of_attacked_episodes_is_the_clean_seed_and_gives_diverge
 
 
 def test_stuck_actuator_repeats_the_onset_action():
-    env, team, ap, cp = setup(False)
+    env, team, ap, cp = random_team(N, False)
     rollout = R.make_rollout(env, team, Attack(name="stuck_actuator", window=6))
     keys = R.seed_keys(np.arange(4))
     target = attacks.Target(
@@ -172,7 +153,7 @@ def test_stuck_actuator_repeats_the_onset_action():
 
 
 def test_continuous_obs_attack_stays_in_the_ball_on_the_victim_only():
-    env, team, ap, cp = setup(True)
+    env, team, ap, cp = random_team(N, True)
     rollout = R.make_rollout(
         env, team, Attack(name="obs_pgd", epsilon=0.05, steps=3, step_size=0.02)
     )
