@@ -98,6 +98,7 @@ LOOPS_PER_SECOND = 22.4  # SC2 game loops per second at "Faster" speed
 ABILITY_STOP, ABILITY_MOVE, ABILITY_ATTACK = 4, 16, 23
 MOVE_DISTANCE = 2.0  # SMAC's move amount, SC2 world units
 MOVE_EPS = 0.1  # an enemy displaced less than this (SMAX frame units) in a step stood still
+SPAWN_LOOPS = 224  # game loops (10 s) to wait for SMAC's triggers to spawn both teams
 ALLY, ENEMY = 1, 2  # player ids (``Unit.owner``) of our player and the built-in AI
 SMAC_MAPS_URL = "https://github.com/oxwhirl/smac#smac-maps"
 # SMAX's move vectors of actions 0..3 (north, east, south, west; ``_decode_discrete_actions``).
@@ -401,6 +402,17 @@ def actions_to_commands(
     return commands
 
 
+def smax_outcome(smax: Smax, before: Any, after: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SMAX's team reward [N] for the step ``before`` → ``after`` (SMAX States) and the
+    info of ``Smax.step``: Σ_enemies |Δhealth / max| / n_enemies, plus 1 when every enemy
+    is dead and an ally lives (``won``). SC2's shield regeneration counts against the
+    damage, as any health gain would in SMAX."""
+    rewards = smax.game._env.compute_reward(after, before.unit_health, after.unit_health)
+    reward = jnp.stack([rewards[a] for a in smax.game.agents])
+    allies = after.unit_alive[: smax.num_agents]
+    return reward, {"won": smax.won(after), "allies_alive": jnp.sum(allies)}
+
+
 # ----------------------------------------------------------------- installation
 def sc2_root(sc2path: str | None) -> Path:
     """The game folder: ``sc2path``, else $SC2PATH, else pysc2's default ~/StarCraftII."""
@@ -468,6 +480,11 @@ class Sc2Env:
         scale: float = 1.0,
     ) -> None:
         sc2_map(map_name)
+        if difficulty not in sc2api_pb2.Difficulty.keys():
+            raise ValueError(
+                f"env.difficulty: expected one of {list(sc2api_pb2.Difficulty.keys())}, "
+                f"got {difficulty!r}"
+            )
         self.smax = Smax(num_agents, continuous, map_name, max_steps)
         self.spec = EnvSpec(**{**vars(self.smax.spec), "name": "sc2"})
         self.map_name, self.sc2path, self.difficulty = map_name, sc2path, difficulty
@@ -503,13 +520,7 @@ class Sc2Env:
         inner = state_from_observation(
             obs, self._layout, state.roster, state.state, actions, self.max_steps
         )
-        game = self.smax.game._env
-        rewards = game.compute_reward(inner, state.state.unit_health, inner.unit_health)
-        reward = jnp.stack([rewards[a] for a in self.smax.game.agents])
-        info = {
-            "won": self.smax.won(inner),
-            "allies_alive": jnp.sum(inner.unit_alive[: self.spec.num_agents]),
-        }
+        reward, info = smax_outcome(self.smax, state.state, inner)
         return self._observe(inner), Sc2State(inner, state.roster), reward, inner.done, info
 
     def avail_actions(self, state: Sc2State) -> jax.Array:
@@ -550,26 +561,31 @@ class _Game:
         create.player_setup.add(type=sc2api_pb2.Participant)
         create.player_setup.add(
             type=sc2api_pb2.Computer,
-            race=sc2api_pb2.Race.Value(races.bot_race),
+            race=common_pb2.Race.Value(races.bot_race),
             difficulty=sc2api_pb2.Difficulty.Value(difficulty),
         )
         self.controller.create_game(create)
         options = sc2api_pb2.InterfaceOptions(raw=True, score=False)
         self.controller.join_game(
             sc2api_pb2.RequestJoinGame(
-                race=sc2api_pb2.Race.Value(races.agent_race), options=options
+                race=common_pb2.Race.Value(races.agent_race), options=options
             )
         )
         self.playable_area = self.controller.game_info().start_raw.playable_area
 
     def wait_for_units(self, num_allies: int, num_enemies: int) -> sc2api_pb2.ResponseObservation:
-        """Step single game loops until both teams are on the map (SMAC's ``init_units``)."""
-        while True:
+        """Step single game loops until both teams are on the map (SMAC's ``init_units``),
+        at most ``SPAWN_LOOPS`` of them."""
+        for _ in range(SPAWN_LOOPS):
             obs = self.controller.observe()
             owners = [u.owner for u in obs.observation.raw_data.units]
             if owners.count(ALLY) == num_allies and owners.count(ENEMY) == num_enemies:
                 return obs
             self.controller.step(1)
+        raise RuntimeError(
+            f"SMAC map: expected {num_allies} units of player 1 and {num_enemies} of player 2, "
+            f"found {owners.count(ALLY)} and {owners.count(ENEMY)} after {SPAWN_LOOPS} game loops"
+        )
 
     def act(self, commands: list[sc2api_pb2.Action]) -> sc2api_pb2.ResponseObservation:
         if commands:
@@ -603,5 +619,6 @@ __all__ = [
     "bind_units",
     "check_install",
     "make_layout",
+    "smax_outcome",
     "state_from_observation",
 ]

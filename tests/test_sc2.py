@@ -27,6 +27,7 @@ from envs.sc2 import (
     bind_units,
     check_install,
     make_layout,
+    smax_outcome,
     state_from_observation,
 )
 from envs.smax import MARINE, STALKER, ZEALOT, Smax, _import_smax
@@ -236,9 +237,15 @@ def test_episode_ends_when_a_side_is_gone(layout, episode):
     end = state_from_observation(only_ours, layout, roster, s1, ACTIONS)
     assert bool(end.done) and not end.unit_alive[3:].any()
     smax = Smax(3, map_name="3s_vs_3z")
-    assert bool(smax.won(end))
+    reward, info = smax_outcome(smax, s1, end)
+    # enemies lost 120 + 70 + 150 of max 150 each, averaged over 3, plus the win bonus 1
+    np.testing.assert_allclose(reward, [(120 + 70 + 150) / 150 / 3 + 1] * 3, rtol=1e-6)
+    assert bool(info["won"]) and int(info["allies_alive"]) == 2
     timeout = state_from_observation(observation(LATER), layout, roster, s1, ACTIONS, max_steps=2)
     assert bool(timeout.done) and not bool(smax.won(timeout))
+    reward, info = smax_outcome(smax, s1, timeout)
+    np.testing.assert_allclose(reward, 0.0)
+    assert not bool(info["won"])
 
 
 def test_check_install_messages(tmp_path, monkeypatch):
@@ -281,6 +288,10 @@ def test_sc2_env_shapes_and_missing_game(tmp_path, monkeypatch):
     assert env.max_steps == 150
     with pytest.raises(Sc2InstallError, match="set SC2PATH"):
         env.reset()
+    with pytest.raises(ValueError, match="env.difficulty: expected one of"):
+        Sc2Env(3, map_name="3s_vs_3z", difficulty="Brutal")
+    with pytest.raises(ValueError, match="env.num_agents: map 3s_vs_3z has 3 allies, got 5"):
+        Sc2Env(5, map_name="3s_vs_3z")
 
 
 def test_sc2_evaluate_without_game_is_one_line_exit_2(tmp_path, monkeypatch):
