@@ -134,7 +134,8 @@ def sc2_map(map_name: str) -> Sc2Map:
 
 
 class Sc2InstallError(RuntimeError):
-    """The game, a map or pysc2_evolved is missing (a one-line message saying what to do)."""
+    """The game, a map or pysc2_evolved is missing, or the game does not start (a one-line
+    message saying what to do)."""
 
 
 @dataclass(frozen=True)
@@ -547,10 +548,23 @@ class _Game:
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
         from pysc2_evolved import run_configs
 
-        races = sc2_map(map_name)
         self.step_mul = step_mul
-        self.run_config = run_configs.get()
-        self.process = self.run_config.start(want_rgb=False)
+        self.process = None
+        try:
+            self.run_config = run_configs.get()
+            self.process = self.run_config.start(want_rgb=False)
+            self._join(map_name, difficulty, seed)
+        except Exception as err:  # pysc2's launch errors are multi-line and of many kinds
+            self.close()
+            detail = (str(err).strip().splitlines() or [""])[0]
+            raise Sc2InstallError(
+                f"StarCraft II at {root} did not start a {map_name} game "
+                f"({type(err).__name__}: {detail})"
+            ) from err
+
+    def _join(self, map_name: str, difficulty: str, seed: int | None) -> None:
+        """Create the game (us against the built-in AI) and join it with the raw interface."""
+        races = sc2_map(map_name)
         self.controller = self.process.controller
         path = f"SMAC_Maps/{map_name}.SC2Map"
         create = sc2api_pb2.RequestCreateGame(
@@ -606,7 +620,9 @@ class _Game:
         self.controller.step(2)
 
     def close(self) -> None:
-        self.process.close()
+        if self.process is not None:
+            self.process.close()
+            self.process = None
 
 
 __all__ = [
