@@ -389,9 +389,10 @@ def influence_geometry(
     return geo.G[0], geo.D[0]
 
 
-def search_steps(attack: Attack, episode_length: int) -> int:
+def search_steps(attack: Attack, episode_length: int | jax.Array) -> jax.Array:
     """Steps searched for influence-based onsets: ⌊search_fraction · T⌋, at least 1."""
-    return max(1, int(attack.search_fraction * episode_length))
+    steps = jnp.floor(attack.search_fraction * jnp.asarray(episode_length, jnp.float32))
+    return jnp.maximum(1, steps.astype(jnp.int32))
 
 
 def select_start(
@@ -438,12 +439,16 @@ def protocol_size(attack: Attack, num_agents: int) -> int:
 def protocol_targets(
     attack: Attack,
     num_agents: int,
-    episode_length: int,
+    episode_length: int | jax.Array,
     key: jax.Array,
     g: jax.Array | None,
     d: jax.Array | None,
 ) -> tuple[Target, jax.Array, jax.Array]:
     """One seed's attacked episodes: every selected pair × every class in ``attack.start``.
+
+    ``episode_length`` is the clean episode's length (steps up to and including its done;
+    it may be traced): a battle that ends early must still see its onset, so the search
+    horizon and the last uniform start are fractions of the episode actually played.
 
     g, d [T, N(j), N(i)] from ``influence_geometry`` on the seed's clean episode (None when
     only uniform onsets are asked for). Episode m = p·C + c for pair p and class c.
@@ -456,7 +461,7 @@ def protocol_targets(
     if attack.victim == "uniform":
         table = table[jax.random.randint(k_pair, (1,), 0, table.shape[0])]
     horizon = search_steps(attack, episode_length)
-    last_start = max(0, episode_length - attack.window)
+    last_start = jnp.maximum(0, jnp.asarray(episode_length, jnp.int32) - attack.window)
     starts, classes, fallbacks = [], [], []
     # Python loop over the (few, static) classes only; pairs are vmapped.
     for c, mode in enumerate(attack.start):

@@ -130,8 +130,7 @@ class Policy(NamedTuple):
 
 
 def env_from_config(config: Mapping[str, Any]) -> MultiAgentEnv:
-    env = config["env"]
-    return make_env(env["name"], num_agents=env["num_agents"], continuous=env["continuous"])
+    return make_env(**config["env"])
 
 
 def load_policy(run_dir: str | Path, config: Mapping[str, Any] | None = None) -> Policy:
@@ -172,8 +171,9 @@ def policy_item(policy: Policy) -> Path:
     return path.resolve()
 
 
-def greedy_act_fn(policy: Policy) -> Callable[[jax.Array], jax.Array]:
-    """``obs [N, O] -> env actions`` of the policy's deterministic (greedy) actors."""
+def greedy_act_fn(policy: Policy) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
+    """``(obs [N, O], avail [N, A] | None) -> env actions`` of the policy's deterministic
+    (greedy) actors; ``avail`` masks illegal discrete actions."""
     algo = policy.config["algo"]
     if algo["name"] == "maddpg":
         from agents import maddpg

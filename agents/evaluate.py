@@ -2,12 +2,13 @@
 
 ``run_episodes`` vmaps over episodes and ``lax.scan``s over the ``episode_length`` steps;
 rewards after an episode's ``done`` are masked out, so the per-agent return is
-R_i = Σ_{t < t_done} r_i^t.
+R_i = Σ_{t ≤ t_done} r_i^t; envs with a battle outcome (SMAX) also give the win flag.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,43 +19,55 @@ from envs.base import MultiAgentEnv
 Z_95 = 1.959963984540054  # standard-normal 97.5 % quantile
 
 
-def episode_returns(
-    env: MultiAgentEnv,
-    act_fn: Callable[[jax.Array], jax.Array],
-    key: jax.Array,
-    num_episodes: int,
-) -> jax.Array:
-    """Traceable core of ``run_episodes`` (call it inside your own jit)."""
+class EpisodeStats(NamedTuple):
+    """Per-episode results: per-agent returns [E, N] and, for envs that report a battle
+    outcome (``info["won"]``, e.g. SMAX), whether the episode was won [E] (else None)."""
 
-    def one_episode(key: jax.Array) -> jax.Array:
+    returns: jax.Array
+    won: jax.Array | None
+
+
+ActFn = Callable[[jax.Array, jax.Array], jax.Array]  # (obs [N, O], avail [N, A]) -> actions
+
+
+def episode_stats(
+    env: MultiAgentEnv, act_fn: ActFn, key: jax.Array, num_episodes: int
+) -> EpisodeStats:
+    """Traceable core of ``run_episodes`` (call it inside your own jit)."""
+    reports_outcome = False  # set while tracing: does env.step's info carry "won"?
+
+    def one_episode(key: jax.Array) -> tuple[jax.Array, jax.Array]:
         k_reset, k_steps = jax.random.split(key)
         obs, state = env.reset(k_reset)
 
         def step(carry, key):
-            obs, state, alive, ret = carry
-            obs, state, reward, done, _ = env.step(key, state, act_fn(obs))
-            return (obs, state, alive & ~done, ret + alive * reward), None
+            nonlocal reports_outcome
+            obs, state, alive, ret, _ = carry
+            actions = act_fn(obs, env.avail_actions(state))
+            obs, state, reward, done, info = env.step(key, state, actions)
+            reports_outcome = "won" in info
+            won = info.get("won", jnp.bool_(False))
+            return (obs, state, alive & ~done, ret + alive * reward, won), None
 
-        init = (obs, state, jnp.bool_(True), jnp.zeros(env.spec.num_agents))
+        init = (obs, state, jnp.bool_(True), jnp.zeros(env.spec.num_agents), jnp.bool_(False))
         steps = jax.random.split(k_steps, env.spec.episode_length)
-        (_, _, _, ret), _ = jax.lax.scan(step, init, steps)
-        return ret
+        (_, _, _, ret, won), _ = jax.lax.scan(step, init, steps)
+        return ret, won
 
-    return jax.vmap(one_episode)(jax.random.split(key, num_episodes))
+    returns, won = jax.vmap(one_episode)(jax.random.split(key, num_episodes))
+    return EpisodeStats(returns, won if reports_outcome else None)
 
 
 def run_episodes(
-    env: MultiAgentEnv,
-    act_fn: Callable[[jax.Array], jax.Array],
-    key: jax.Array,
-    num_episodes: int,
-) -> jax.Array:
-    """Per-agent returns [E, N] of ``num_episodes`` episodes under ``act_fn``.
+    env: MultiAgentEnv, act_fn: ActFn, key: jax.Array, num_episodes: int
+) -> EpisodeStats:
+    """Returns (and wins, if the env reports them) of ``num_episodes`` greedy episodes.
 
-    ``act_fn(obs [N, O]) -> actions`` (env format) must be traceable; for the greedy
-    MADDPG policy use ``functools.partial(maddpg.greedy_actions, actor, actor_params)``.
+    ``act_fn(obs [N, O], avail [N, A]) -> actions`` (env format) must be traceable, e.g.
+    ``agents.checkpoint.greedy_act_fn(policy)``. A finished SMAX battle is frozen, so the
+    last step's ``won`` is the episode's outcome.
     """
-    return jax.jit(lambda k: episode_returns(env, act_fn, k, num_episodes))(key)
+    return jax.jit(lambda k: episode_stats(env, act_fn, k, num_episodes))(key)
 
 
 def mean_ci(x: jax.Array | np.ndarray, student: bool = False) -> tuple[float, float]:

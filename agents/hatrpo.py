@@ -1,7 +1,8 @@
 """HATRPO (Kuba et al., 2022, "Trust Region Policy Optimisation in Multi-Agent RL") in JAX.
 
 Decentralised stochastic actors π_i(a_i | o_i) and one centralised state-value critic
-V(s), s = (o_1, ..., o_N) (each agent's observation is its own slice of s).
+V(s) on the environment's global state s (``env.global_state``: Simple Spread's is every
+agent's observation concatenated, as PettingZoo's ``state()``; SMAX's is its world state).
 
 One iteration collects ``num_envs`` whole episodes with the current policies and then:
 
@@ -45,6 +46,7 @@ permutation, ``lax.while_loop`` for CG and the line search.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -58,12 +60,11 @@ from flax import struct
 from jax.flatten_util import ravel_pytree
 
 from agents.maddpg import greedy_actions
-from agents.networks import ACTIVATIONS, MLP, Actor, actor_for, init_stacked
+from agents.networks import ACTIVATIONS, MLP, Actor, actor_for, init_stacked, mask_logits
 from agents.trainer import Trainer, parse_algo_config
 from envs.base import EnvSpec, MultiAgentEnv
 
 Params = Any
-MASKED_LOGIT = -1e9  # logit of an illegal action: probability 0, log-probability finite
 
 
 # ----------------------------------------------------------------------------- config
@@ -138,7 +139,7 @@ class Categorical:
 
     @staticmethod
     def from_logits(logits: jax.Array, avail: jax.Array | None) -> jax.Array:
-        return logits if avail is None else jnp.where(avail, logits, MASKED_LOGIT)
+        return mask_logits(logits, avail)
 
     @staticmethod
     def log_prob(d: jax.Array, action: jax.Array) -> jax.Array:
@@ -213,15 +214,14 @@ class PolicyHead(NamedTuple):
 
 # --------------------------------------------------------------------------- networks
 class StateValue(nn.Module):
-    """Centralised state value V(o_1..o_N): obs [..., N, O] → [...] (normalised units)."""
+    """Centralised state value V(s): global state [..., S] → [...] (normalised units)."""
 
     hidden: tuple[int, ...]
     activation: str = "silu"
 
     @nn.compact
-    def __call__(self, obs: jax.Array) -> jax.Array:
-        x = obs.reshape(*obs.shape[:-2], -1)
-        return MLP(self.hidden, 1, self.activation)(x)[..., 0]
+    def __call__(self, state: jax.Array) -> jax.Array:
+        return MLP(self.hidden, 1, self.activation)(state)[..., 0]
 
 
 def build_actor(spec: EnvSpec, cfg: HatrpoConfig) -> Actor:
@@ -268,10 +268,11 @@ def forward_team(head: PolicyHead, thetas: Params, obs: jax.Array, avail: jax.Ar
 
 
 def greedy_act_fn(spec: EnvSpec, cfg: HatrpoConfig, params: Mapping[str, Params]):
-    """``obs [N, O] -> env actions`` of the deterministic policy: argmax of the logits or the
-    Gaussian mean (the actor output, exactly as for MADDPG's actor)."""
+    """``(obs [N, O], avail [N, A] | None) -> env actions`` of the deterministic policy:
+    argmax of the available logits or the Gaussian mean (the actor output, exactly as for
+    MADDPG's actor)."""
     actor = build_actor(spec, cfg)
-    return lambda obs: greedy_actions(actor, params["actor"], obs)
+    return functools.partial(greedy_actions, actor, params["actor"])
 
 
 def sample_act_fn(spec: EnvSpec, cfg: HatrpoConfig, params: Mapping[str, Params]):
@@ -517,7 +518,8 @@ class Transition(NamedTuple):
     action: jax.Array  # [N] int32 or [N, A] (the unclipped Gaussian sample)
     avail: jax.Array | None  # [N, A] bool (discrete) or None
     reward: jax.Array  # [N]
-    next_obs: jax.Array  # [N, O]
+    state: jax.Array  # [S] global state before the step (the critic's input)
+    next_state: jax.Array  # [S] global state after it
     terminal: jax.Array  # [] 1.0 on a true termination (no bootstrap)
     done: jax.Array  # [] 1.0 on the episode's last transition
     valid: jax.Array  # [] 0.0 for steps after the episode ended
@@ -565,7 +567,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
         key, k_actor, k_critic = jax.random.split(key, 3)
-        critic_params = critic.init(k_critic, jnp.zeros((n, spec.obs_dim), jnp.float32))
+        critic_params = critic.init(k_critic, jnp.zeros((spec.state_dim,), jnp.float32))
         return TrainState(
             actor_params=init_actors(spec, cfg, k_actor),
             critic_params=critic_params,
@@ -584,6 +586,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
         """E whole episodes under the stochastic policies: transitions [T, E, ...]."""
         k_reset, k_steps = jax.random.split(key)
         obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, E))
+        global_state = jax.vmap(env.global_state)
 
         def step(carry, inp):
             obs, env_state, alive = carry
@@ -591,6 +594,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             k_act, k_env = jax.random.split(key)
             avail = jax.vmap(env.avail_actions)(env_state) if spec.discrete else None
             actions = head.dist.sample(k_act, forward_team(head, thetas, obs, avail))
+            state_before = global_state(env_state)
             next_obs, env_state, reward, done, _ = jax.vmap(env.step)(
                 jax.random.split(k_env, E), env_state, actions
             )
@@ -601,7 +605,8 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
                 actions,
                 avail,
                 reward,
-                next_obs,
+                state_before,
+                global_state(env_state),
                 terminal,
                 done.astype(jnp.float32),
                 alive.astype(jnp.float32),
@@ -614,12 +619,12 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
         )
         return traj
 
-    def update_critic(state: TrainState, obs, target_n, value_old_n, weight, key):
+    def update_critic(state: TrainState, inputs, target_n, value_old_n, weight, key):
         """``critic_epoch`` × ``critic_minibatches`` clipped-Huber Adam steps (normalised units)."""
 
         def loss_fn(params, mb):
-            obs, target, old, w = mb
-            v = critic.apply(params, obs)
+            inputs, target, old, w = mb
+            v = critic.apply(params, inputs)
             clipped = old + jnp.clip(v - old, -cfg.value_clip, cfg.value_clip)
             huber = lambda e: optax.huber_loss(e, delta=cfg.huber_delta)
             loss = jnp.maximum(huber(target - v), huber(target - clipped))
@@ -633,7 +638,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
 
         def epoch(carry, key):
             perm = jax.random.permutation(key, B).reshape(cfg.critic_minibatches, -1)
-            mbs = jax.tree_util.tree_map(lambda x: x[perm], (obs, target_n, value_old_n, weight))
+            mbs = jax.tree_util.tree_map(lambda x: x[perm], (inputs, target_n, value_old_n, weight))
             return jax.lax.scan(minibatch_step, carry, mbs)
 
         (params, opt_state), losses = jax.lax.scan(
@@ -648,8 +653,8 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
         traj = collect(state.actor_params, k_collect)
 
         mu, sigma = state.value_norm.stats()
-        value = critic.apply(state.critic_params, traj.obs) * sigma + mu  # [T, E]
-        next_value = critic.apply(state.critic_params, traj.next_obs) * sigma + mu
+        value = critic.apply(state.critic_params, traj.state) * sigma + mu  # [T, E]
+        next_value = critic.apply(state.critic_params, traj.next_state) * sigma + mu
         team_reward = jnp.mean(traj.reward, axis=-1)
         adv = gae(
             team_reward, value, next_value, traj.terminal, traj.done, cfg.gamma, cfg.gae_lambda
@@ -679,7 +684,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
         mu, sigma = value_norm.stats()
         critic_params, critic_opt_state, critic_loss = update_critic(
             state,
-            obs,
+            flat(traj.state),
             (flat(returns) - mu) / sigma,
             (flat(value) - mu) / sigma,
             valid,

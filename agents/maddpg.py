@@ -57,6 +57,7 @@ from agents.networks import (
     agent_specific_leaves,
     init_shared,
     init_stacked,
+    mask_logits,
     tie_shared,
 )
 from agents.trainer import Trainer, parse_algo_config
@@ -147,12 +148,14 @@ def apply_actors(actor: Actor, actor_params: Params, obs: jax.Array) -> jax.Arra
     return jnp.moveaxis(per_agent, 0, -2)
 
 
-def greedy_actions(actor: Actor, actor_params: Params, obs: jax.Array) -> jax.Array:
-    """Deterministic env actions from obs [N, O]: argmax logits → int32 [N] (discrete),
-    the actor output → float32 [N, A] (continuous)."""
+def greedy_actions(
+    actor: Actor, actor_params: Params, obs: jax.Array, avail: jax.Array | None = None
+) -> jax.Array:
+    """Deterministic env actions from obs [N, O]: argmax of the available logits → int32
+    [N] (discrete), the actor output → float32 [N, A] (continuous)."""
     out = apply_actors(actor, actor_params, obs)
     if actor.discrete:
-        return jnp.argmax(out, axis=-1).astype(jnp.int32)
+        return jnp.argmax(mask_logits(out, avail), axis=-1).astype(jnp.int32)
     return out
 
 
@@ -190,6 +193,8 @@ class Transition(NamedTuple):
     next_obs: jax.Array  # [N, O]
     terminal: jax.Array  # [] 1.0 if the episode truly ended here (no bootstrap)
     valid: jax.Array  # [] 0.0 for steps after the episode ended (collection runs T steps)
+    avail: jax.Array  # [N, A] bool, legal actions at obs (all True for unmasked envs)
+    next_avail: jax.Array  # [N, A] bool, legal actions at next_obs
 
 
 class Learner(struct.PyTreeNode):
@@ -262,14 +267,15 @@ def init_learner(spec: EnvSpec, cfg: MaddpgConfig, key: jax.Array) -> Learner:
 
 
 def make_explore(spec: EnvSpec, cfg: MaddpgConfig):
-    """``explore(actor_params, obs [..., N, O], key) -> (env actions, critic encoding)``:
-    a ~ softmax(ℓ) (discrete) or clip(μ + σ·(high − low)·ε, low, high) (continuous)."""
+    """``explore(actor_params, obs [..., N, O], avail [..., N, A], key) -> (env actions,
+    critic encoding)``: a ~ softmax(ℓ) over the available actions (discrete) or
+    clip(μ + σ·(high − low)·ε, low, high) (continuous)."""
     actor, _ = build_networks(spec, cfg)
 
-    def explore(actor_params: Params, obs: jax.Array, key: jax.Array):
+    def explore(actor_params: Params, obs: jax.Array, avail: jax.Array, key: jax.Array):
         out = apply_actors(actor, actor_params, obs)
         if spec.discrete:
-            actions = jax.random.categorical(key, out).astype(jnp.int32)
+            actions = jax.random.categorical(key, mask_logits(out, avail)).astype(jnp.int32)
         else:
             width = spec.action_high - spec.action_low
             noise = cfg.exploration_noise * width * jax.random.normal(key, out.shape)
@@ -294,7 +300,8 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
 
         next_out = apply_actors(actor, learner.target_actor_params, batch.next_obs)
         if spec.discrete:
-            next_out = jax.nn.one_hot(jnp.argmax(next_out, -1), spec.action_dim)
+            next_greedy = jnp.argmax(mask_logits(next_out, batch.next_avail), -1)
+            next_out = jax.nn.one_hot(next_greedy, spec.action_dim)
         q_next = critic_values(critic, learner.target_critic_params, batch.next_obs, next_out)
         target = batch.reward + cfg.gamma * (1.0 - batch.terminal[:, None]) * q_next
 
@@ -311,7 +318,8 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
         def actor_loss(params):
             out = apply_actors(actor, params, batch.obs)  # [B, N, A]
             if spec.discrete:
-                own = gumbel_softmax_st(key, out, cfg.gumbel_temperature)
+                logits = mask_logits(out, batch.avail)
+                own = gumbel_softmax_st(key, logits, cfg.gumbel_temperature)
                 reg = cfg.logit_reg * jnp.sum(jnp.mean(out**2, axis=(0, 2)))
             else:
                 own, reg = out, 0.0
@@ -379,7 +387,10 @@ def make_trainer(
         key, k_learner = jax.random.split(key)
         obs = jnp.zeros((n, spec.obs_dim), jnp.float32)
         act = jnp.zeros((n, spec.action_dim), jnp.float32)
-        example = Transition(obs, act, jnp.zeros(n), obs, jnp.float32(0), jnp.float32(0))
+        legal = jnp.ones((n, spec.action_dim), bool)
+        example = Transition(
+            obs, act, jnp.zeros(n), obs, jnp.float32(0), jnp.float32(0), legal, legal
+        )
         return TrainState(
             learner=init_learner(spec, cfg, k_learner),
             buffer=replay.init(example, cfg.buffer_size),
@@ -392,21 +403,24 @@ def make_trainer(
         """E whole episodes: transitions [T, E, ...] and per-agent returns [E, N]."""
         k_reset, k_steps = jax.random.split(key)
         obs, env_state = jax.vmap(env.reset)(shard_envs(jax.random.split(k_reset, E)))
+        legal = jax.vmap(env.avail_actions)
 
         def step(carry, inp):
-            obs, env_state, alive = carry
+            obs, env_state, avail, alive = carry
             key, t = inp
             k_act, k_env = jax.random.split(key)
-            actions, encoded = explore(actor_params, obs, k_act)
+            actions, encoded = explore(actor_params, obs, avail, k_act)
             next_obs, env_state, reward, done, _ = jax.vmap(env.step)(
                 shard_envs(jax.random.split(k_env, E)), env_state, actions
             )
+            next_avail = legal(env_state)
             # A done on the last step is the time limit, not a terminal state.
             terminal = (done & (t < T - 1)).astype(jnp.float32)
-            tr = Transition(obs, encoded, reward, next_obs, terminal, alive.astype(jnp.float32))
-            return shard_envs((next_obs, env_state, alive & ~done)), tr
+            valid = alive.astype(jnp.float32)
+            tr = Transition(obs, encoded, reward, next_obs, terminal, valid, avail, next_avail)
+            return shard_envs((next_obs, env_state, next_avail, alive & ~done)), tr
 
-        carry = shard_envs((obs, env_state, jnp.ones((E,), bool)))
+        carry = shard_envs((obs, env_state, legal(env_state), jnp.ones((E,), bool)))
         _, traj = jax.lax.scan(step, carry, (jax.random.split(k_steps, T), jnp.arange(T)))
         returns = jnp.sum(traj.reward * traj.valid[..., None], axis=0)
         return traj, returns

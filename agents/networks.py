@@ -141,3 +141,12 @@ def init_shared(module: nn.Module, key: jax.Array, num_agents: int, *example) ->
         return jnp.broadcast_to(x[0], x.shape)
 
     return jax.tree_util.tree_map(tie, stacked, agent_specific)
+
+
+MASKED_LOGIT = -1e9  # logit of an unavailable discrete action
+
+
+def mask_logits(logits: jax.Array, avail: jax.Array | None) -> jax.Array:
+    """Logits with unavailable actions set to a large negative value (probability 0,
+    finite log-probabilities and gradients); ``avail=None`` means every action is legal."""
+    return logits if avail is None else jnp.where(avail, logits, MASKED_LOGIT)

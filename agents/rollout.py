@@ -140,6 +140,13 @@ def _episode(
     return Episode(*rec, key=key, target=target)
 
 
+def episode_length(done: jax.Array) -> jax.Array:
+    """Steps played up to and including the first done, int32 [B..] from done [B.., T]
+    (T when the episode never ends inside the scan)."""
+    t = done.shape[-1]
+    return jnp.where(jnp.any(done, axis=-1), jnp.argmax(done, axis=-1) + 1, t).astype(jnp.int32)
+
+
 def _batched(one: Callable[..., Episode]) -> Callable[..., Episode]:
     """Lift ``one(actor_params, critic_params, key [2], target [])`` to keys [B.., 2] and
     targets [B..] of any leading batch shape (flattened for a single vmap)."""
@@ -284,10 +291,10 @@ def make_protocol(
         else:
             g = d = None
         targets, cls, fell = jax.vmap(
-            lambda k, gi, di: attacks.protocol_targets(
-                attack, spec.num_agents, spec.episode_length, streams(k).protocol, gi, di
+            lambda k, length, gi, di: attacks.protocol_targets(
+                attack, spec.num_agents, length, streams(k).protocol, gi, di
             )
-        )(keys, g, d)
+        )(keys, episode_length(clean.done), g, d)
         attacked = rollout_one(
             actor_params, critic_params, jnp.repeat(keys[:, None], m, axis=1), targets
         )

@@ -88,7 +88,7 @@ def evaluate(
     from cli import one_line_errors
     from cli.diagnose import diagnosis_dir
     from forensics import evaluate as ev
-    from forensics.store import _atomic_write, current_code_version, write_table
+    from forensics.store import atomic_write, current_code_version, write_table
 
     console = Console()
     diag_dirs = [diagnosis_dir(d) for d in diag_dirs]
@@ -109,7 +109,7 @@ def evaluate(
         console.print(f"Wrote {write_table(table, out, metadata=meta)}")
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(markdown, ev.markdown(table).encode())
+        atomic_write(markdown, ev.markdown(table).encode())
         console.print(f"Wrote {markdown}")
 
 

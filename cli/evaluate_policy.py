@@ -29,17 +29,24 @@ def evaluate(run_dir: Path, episodes: int = 500, seed: int = 0) -> dict[str, Any
     from agents import checkpoint
     from agents.evaluate import mean_ci, run_episodes
     from envs.simple_spread import gap_closed
+    from forensics.store import atomic_write
 
     policy = checkpoint.load_policy(run_dir)
     spec = policy.env.spec
-    returns = run_episodes(
+    stats = run_episodes(
         policy.env, checkpoint.greedy_act_fn(policy), jax.random.PRNGKey(seed), episodes
     )
+    returns = stats.returns
     mean, half_width = mean_ci(returns)
-    try:
-        gap = float(gap_closed(mean, spec.num_agents, not spec.discrete))
-    except ValueError:  # no reference returns for this env/N
-        gap = None
+    win_rate = win_half_width = None
+    if stats.won is not None:
+        win_rate, win_half_width = mean_ci(stats.won.astype(float))
+    gap = None  # reference returns exist for Simple Spread only
+    if spec.name == "simple_spread":
+        try:
+            gap = float(gap_closed(mean, spec.num_agents, not spec.discrete))
+        except ValueError:  # no reference returns for this N
+            pass
     result = {
         "run_dir": str(run_dir),
         "env_steps": policy.env_steps,
@@ -52,14 +59,19 @@ def evaluate(run_dir: Path, episodes: int = 500, seed: int = 0) -> dict[str, Any
         "ci95_half_width": half_width,
         "per_agent_mean_return": [float(r) for r in returns.mean(axis=0)],
         "gap_closed": gap,
+        "win_rate": win_rate,
+        "win_rate_ci95_half_width": win_half_width,
     }
-    (Path(run_dir) / EVALUATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(Path(run_dir) / EVALUATION_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 
 def summary_line(result: dict[str, Any]) -> str:
     gap = result["gap_closed"]
     closed = "" if gap is None else f"; closes {100 * gap:.1f} % of the random→scripted gap"
+    if result.get("win_rate") is not None:
+        win, half = 100 * result["win_rate"], 100 * result["win_rate_ci95_half_width"]
+        closed += f"; wins {win:.1f} ± {half:.1f} %"
     return (
         f"Evaluation ({result['episodes']} episodes, env step {result['env_steps']:,}): "
         f"mean per-agent return {result['mean_return_per_agent']:.2f} "
@@ -118,7 +130,7 @@ def sweep_table(sweep_dir: Path, episodes: int = 500, seed: int = 0):
         rows.append(
             {
                 "run": run.name,
-                "env": env_label(env["name"], env["num_agents"], env["continuous"]),
+                "env": env_label(env),
                 "algo": r["algo"],
                 "seed": r["seed"],
                 "env_steps": r["env_steps"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -30,7 +29,7 @@ from cli import progress_bar
 from cli.evaluate_policy import evaluate, summary_line
 from configs.schema import ConfigError
 from envs import MultiAgentEnv
-from forensics.store import current_code_version
+from forensics.store import atomic_write, current_code_version
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.yaml"
@@ -53,20 +52,14 @@ def _write_records(
     version, seed and command line."""
     (run_dir / HYDRA_DIR).mkdir(exist_ok=True)
     for name, text in hydra_record.items():
-        _atomic_write(run_dir / HYDRA_DIR / name, text)
+        atomic_write(run_dir / HYDRA_DIR / name, text)
     record = {
         "command": command,
         "code_version": current_code_version(),
         "seeds": {"seed": config["seed"], "init_key": f"jax.random.PRNGKey({config['seed']})"},
         "config": dict(config),
     }
-    _atomic_write(run_dir / RUN_FILE, OmegaConf.to_yaml(record))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(run_dir / RUN_FILE, OmegaConf.to_yaml(record))
 
 
 def _truncate_metrics(path: Path, last_chunk: int) -> None:
@@ -81,7 +74,7 @@ def _truncate_metrics(path: Path, last_chunk: int) -> None:
                 kept.append(line + "\n")
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the crash
-    _atomic_write(path, "".join(kept))
+    atomic_write(path, "".join(kept))
 
 
 def _to_json(metrics: Mapping[str, Any]) -> dict[str, Any]:

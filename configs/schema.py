@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from agents.attacks import Attack
-from envs import ENVS
+from envs import ENVS, make_env
 
 
 class ConfigError(CompactHydraException, ValueError):
@@ -107,7 +107,12 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Check a run config; returns it resolved, or raises ``ConfigError`` naming the field."""
     plain = resolve(cfg)
     _check_values(plain, "", TOP_RULES)
-    _check_section(plain, "env", ENV_RULES)
+    env = _section(plain, "env")
+    _check_values(env, "env.", ENV_RULES)
+    try:  # the environment checks its own options (map names, limits, ...)
+        make_env(**env)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_section(plain, "train", TRAIN_RULES)
     _check_values(_section(plain, "algo"), "algo.", {"name": NAME})
     try:

@@ -1,21 +1,31 @@
-"""Environment registry: ``make_env(name, num_agents, continuous, **kw)``."""
+"""Environment registry: ``make_env(name, num_agents, continuous, **options)``."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from envs.base import EnvSpec, MultiAgentEnv
 from envs.simple_spread import SimpleSpread
+from envs.smax import Smax
 
-ENVS: dict[str, type] = {"simple_spread": SimpleSpread}
+ENVS: dict[str, type] = {"simple_spread": SimpleSpread, "smax": Smax}
 
 __all__ = ["ENVS", "EnvSpec", "MultiAgentEnv", "make_env"]
 
 
-def make_env(name: str, num_agents: int, continuous: bool, **kw: Any) -> MultiAgentEnv:
-    """Build a registered environment; extra keywords go to its constructor."""
+def make_env(name: str, num_agents: int, continuous: bool, **options: Any) -> MultiAgentEnv:
+    """Build a registered environment; ``options`` are its constructor's other keywords
+    (``env.<key>`` in a config: an unknown one is refused by name)."""
     if name not in ENVS:
         raise ValueError(f"env.name: unknown environment {name!r}; expected one of {sorted(ENVS)}")
     if num_agents < 2:
         raise ValueError(f"env.num_agents: expected an integer >= 2, got {num_agents}")
-    return ENVS[name](num_agents=num_agents, continuous=continuous, **kw)
+    cls = ENVS[name]
+    known = set(inspect.signature(cls).parameters) - {"num_agents", "continuous"}
+    for key in sorted(set(options) - known):
+        raise ValueError(
+            f"env.{key}: unknown key for env {name}; expected only "
+            f"{', '.join(['name', 'num_agents', 'continuous', *sorted(known)])}"
+        )
+    return cls(num_agents=num_agents, continuous=continuous, **options)

@@ -413,6 +413,8 @@ def evaluate(diag_dirs: Sequence[str | Path]) -> pd.DataFrame:
         diag = load_diagnosis(d)
         env = diag.summary["env"]
         name = f"{env['name']}{'_cont' if env.get('continuous') else ''}"
+        if env.get("map_name"):
+            name = f"{env['name']}_{env['map_name']}"
         table = metrics_table(episode_table(diag), name, diag.summary["algo"])
         table.insert(3, "statistic", statistic_label(diag.summary["config"]))
         tables.append(table)

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from configs.schema import ConfigError
 from forensics.diagnose import CALIBRATIONS, GRAPHS_DIR
 from forensics.evaluate import Diagnosis, _store_of
-from forensics.store import StoreError, _atomic_write
+from forensics.store import StoreError, atomic_write
 
 FORMATS = ("png", "pdf", "svg")
 TITLES = {
@@ -182,7 +182,7 @@ def save(fig: Figure, out: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=110)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, buf.getvalue())
+    atomic_write(out, buf.getvalue())
     return out
 
 

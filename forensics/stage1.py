@@ -62,11 +62,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from agents.networks import mask_logits
+
 ActorApply = Callable[[Any, jax.Array], jax.Array]
 
 NO_DETECTION = -1  # onset / agent index meaning "nothing was flagged"
 _GRAD_FLOOR = 1e-6  # the paper's max(‖g‖, 1e-6)
-_MASKED_LOGIT = -1e9  # finite, so gradients through masked logits stay finite
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def commitment_cost(
     """J(o, τ): −Σ τ log softmax(masked logits(o)) (discrete) or ½‖μ(o) − τ‖²/σ² (continuous)."""
     out = actor_apply(params, obs)
     if discrete:
-        logp = jax.nn.log_softmax(jnp.where(avail, out, _MASKED_LOGIT))
+        logp = jax.nn.log_softmax(mask_logits(out, avail))
         return -jnp.sum(target * logp)
     return 0.5 * jnp.sum((out - target) ** 2) / sigma**2
 

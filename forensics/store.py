@@ -323,8 +323,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically: readers see the old or the new file, never half."""
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` by ``data`` (text is UTF-8 encoded) atomically and durably: readers
+    see the old or the new file, never half of one."""
+    data = data.encode() if isinstance(data, str) else data
     tmp = path.parent / f"{_TMP}{path.name}-{uuid.uuid4().hex}"
     try:
         _write_durable(tmp, data)
@@ -356,7 +358,7 @@ def write_table(
         )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
-    _atomic_write(path, sink.getvalue().to_pybytes())
+    atomic_write(path, sink.getvalue().to_pybytes())
     return path
 
 
@@ -564,7 +566,7 @@ class StoreWriter:
         try:
             if not (self.path / _META).exists():
                 (self.path / _CHUNKS).mkdir(exist_ok=True)
-                _atomic_write(self.path / _META, _dump({**identity, "created": _now()}))
+                atomic_write(self.path / _META, _dump({**identity, "created": _now()}))
             manifest = _load_manifest(self.path)
             self._chunks = list(manifest["chunks"])
             self._sessions = list(manifest["sessions"])
@@ -684,7 +686,7 @@ class StoreWriter:
             len(sessions) - 1,
         )
         chunk_list = [*self._chunks, dataclasses.asdict(info)]
-        _atomic_write(
+        atomic_write(
             self.path / _MANIFEST,
             _dump({"format": FORMAT, "chunks": chunk_list, "sessions": sessions}),
         )

@@ -72,6 +72,8 @@ def time_python_loop(spec, cfg: maddpg.MaddpgConfig, steps: int, continuous: boo
         next_obs=np.zeros((cap, n, spec.obs_dim), np.float32),
         terminal=np.zeros((cap,), np.float32),
         valid=np.ones((cap,), np.float32),
+        avail=np.ones((cap, n, spec.action_dim), bool),  # Simple Spread: every action legal
+        next_avail=np.ones((cap, n, spec.action_dim), bool),
     )
     size = pos = 0
 
@@ -81,7 +83,7 @@ def time_python_loop(spec, cfg: maddpg.MaddpgConfig, steps: int, continuous: boo
         t = 0
         for step in range(num_steps):
             key, k_act, k_upd = jax.random.split(key, 3)
-            actions, encoded = explore(learner.actor_params, obs, k_act)
+            actions, encoded = explore(learner.actor_params, obs, None, k_act)
             next_obs, reward, done = env.step(np.asarray(actions))
             buf.obs[pos], buf.action[pos], buf.reward[pos] = obs, encoded, reward
             buf.next_obs[pos] = next_obs

@@ -315,8 +315,10 @@ def test_short_training_improves_the_return():
     cfg = hatrpo.HatrpoConfig(num_envs=64, iterations_per_chunk=40)
     trainer = hatrpo.make_trainer(env, cfg)
     returns = jax.jit(
-        lambda params: evaluate.episode_returns(
-            env, hatrpo.greedy_act_fn(env.spec, cfg, params), jax.random.PRNGKey(99), 200
+        lambda params: (
+            evaluate.episode_stats(
+                env, hatrpo.greedy_act_fn(env.spec, cfg, params), jax.random.PRNGKey(99), 200
+            ).returns
         )
     )
     state, first = trainer.train_chunk(trainer.init(jax.random.PRNGKey(0)))

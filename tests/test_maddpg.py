@@ -275,8 +275,10 @@ def test_short_training_beats_the_untrained_policy():
     trainer = maddpg.make_trainer(env, cfg)
     actor, _ = maddpg.build_networks(env.spec, maddpg.MaddpgConfig.from_mapping(cfg))
     evaluate_params = jax.jit(
-        lambda p: evaluate.episode_returns(
-            env, functools.partial(maddpg.greedy_actions, actor, p), jax.random.PRNGKey(99), 200
+        lambda p: (
+            evaluate.episode_stats(
+                env, functools.partial(maddpg.greedy_actions, actor, p), jax.random.PRNGKey(99), 200
+            ).returns
         )
     )
 
@@ -302,6 +304,9 @@ class EarlyDone:
     def reset(self, key):
         return self.env.reset(key)
 
+    def avail_actions(self, state):
+        return self.env.avail_actions(state)
+
     def step(self, key, state, actions):
         obs, state, reward, _, info = self.env.step(key, state, actions)
         return obs, state, reward, state.t >= 10, info
@@ -309,16 +314,17 @@ class EarlyDone:
 
 def test_run_episodes_equals_a_python_loop_and_masks_after_done():
     env = EarlyDone(make_env("simple_spread", num_agents=3, continuous=False))
-    act_fn = lambda obs: jnp.argmax(obs[:, 4:9], axis=-1).astype(jnp.int32)  # obs-dependent
+    act_fn = lambda obs, avail: jnp.argmax(obs[:, 4:9], axis=-1).astype(jnp.int32)
     key = jax.random.PRNGKey(0)
-    returns = evaluate.run_episodes(env, act_fn, key, 4)
-    assert returns.shape == (4, 3)
+    stats = evaluate.run_episodes(env, act_fn, key, 4)
+    returns = stats.returns
+    assert returns.shape == (4, 3) and stats.won is None  # Simple Spread has no outcome
     for e, k in enumerate(jax.random.split(key, 4)):  # the documented key schedule
         k_reset, k_steps = jax.random.split(k)
         obs, state = env.reset(k_reset)
         total = np.zeros(3)
         for k_step in jax.random.split(k_steps, env.spec.episode_length):
-            obs, state, reward, done, _ = env.step(k_step, state, act_fn(obs))
+            obs, state, reward, done, _ = env.step(k_step, state, act_fn(obs, None))
             total += np.asarray(reward)
             if done:
                 break

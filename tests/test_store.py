@@ -152,7 +152,7 @@ CRASH = textwrap.dedent("""
             os._exit(3)
         st._write_durable = half
     else:                        # die after the chunk's rename, before the manifest commit
-        st._atomic_write = lambda path, data: os._exit(3)
+        st.atomic_write = lambda path, data: os._exit(3)
     w.append(make_batch(DISCRETE, range(5, 9)))
 """)
 
