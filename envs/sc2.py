@@ -38,8 +38,9 @@ Translation rules (each a deliberate choice; see the caveats):
   the unit move vector, and the attack action index or 0). SC2 does not report enemy
   orders, so for enemies they are estimated from the last step: a displacement longer
   than ``MOVE_EPS`` (SMAX frame units) is read as a move along its dominant axis; a unit
-  that stood still with one of our units within its SMAX attack range is read as
-  attacking the closest one (SMAX's heuristic enemy's rule), in SMAX's enemy numbering.
+  that stood still with one of our units within its SMAX attack range at the step's
+  start is read as attacking the closest one (SMAX's heuristic enemy's rule), in SMAX's
+  enemy numbering (``estimate_enemy_actions``, with its measured accuracy).
 * **Actions.** SMAX's 0 N, 1 E, 2 S, 3 W → move (ability 16) to the unit's position plus
   ``move_distance`` SC2 units (2, SMAC's move amount) in that direction; 4 stop (ability
   4); 5 + j attack enemy j (ability 23, target tag). Dead allies get no command; an
@@ -257,28 +258,37 @@ def ally_previous_actions(actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def estimate_enemy_actions(
-    before: np.ndarray, after: np.ndarray, alive: np.ndarray, types: np.ndarray, num_allies: int
+    before: np.ndarray,
+    after: np.ndarray,
+    alive_before: np.ndarray,
+    alive_after: np.ndarray,
+    types: np.ndarray,
+    num_allies: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Enemies' last actions estimated from positions (SMAX frame) one step apart.
+    """Enemies' last actions estimated from positions [U, 2] (SMAX frame) one step apart.
 
-    Moved: displacement d with |d| > ``MOVE_EPS`` (SMAX frame units) → the unit vector of
-    d's dominant axis. Stood still with an alive ally within its attack range
-    r_type → attack on the closest ally i, SMAX's enemy action 5 + (N − 1 − i) (enemies
-    number their targets in reverse). Dead enemies: no action.
+    Moved: displacement d with |d| > ``MOVE_EPS`` → the unit vector of d's dominant axis.
+    Stood still with an ally alive within its attack range r_type at the step's start
+    (when it chose) → attack on the closest such ally i, SMAX's enemy action
+    5 + (N − 1 − i) (enemies number their targets in reverse). Enemies dead after the
+    step: no action. On SMAX's own heuristic enemy (3s_vs_3z, random masked allies,
+    64 episodes, 10,972 alive enemy-steps) this recovers the recorded move 90.0 % of the
+    time and the attack field 89.8 % (72.8 % of the true attacks).
     """
     enemies = slice(num_allies, None)
     d = after[enemies] - before[enemies]
+    rows = np.arange(len(d))
     moved = np.linalg.norm(d, axis=1) > MOVE_EPS
     axis = np.argmax(np.abs(d), axis=1)
     moves = np.zeros_like(d, dtype=np.float32)
-    moves[np.arange(len(d)), axis] = np.sign(d[np.arange(len(d)), axis])
+    moves[rows, axis] = np.sign(d[rows, axis])
     moves[~moved] = 0.0
-    dist = np.linalg.norm(after[enemies, None, :] - after[None, :num_allies, :], axis=-1)  # [E, N]
-    dist = np.where(alive[None, :num_allies], dist, np.inf)
+    dist = np.linalg.norm(before[enemies, None, :] - before[None, :num_allies, :], axis=-1)
+    dist = np.where(alive_before[None, :num_allies], dist, np.inf)  # [E, N]
     target = np.argmin(dist, axis=1)
-    in_range = dist[np.arange(len(d)), target] < SMAX_ATTACK_RANGE[types[enemies]]
+    in_range = dist[rows, target] < SMAX_ATTACK_RANGE[types[enemies]]
     attacks = np.where(~moved & in_range, NUM_MOVE_ACTIONS + num_allies - 1 - target, 0)
-    alive_enemy = alive[enemies]
+    alive_enemy = alive_after[enemies]
     moves[~alive_enemy] = 0.0
     return moves, np.where(alive_enemy, attacks, 0).astype(np.int32)
 
@@ -332,7 +342,12 @@ def state_from_observation(
             )
         ally_moves, ally_attacks = ally_previous_actions(actions)
         enemy_moves, enemy_attacks = estimate_enemy_actions(
-            np.asarray(previous.unit_positions), positions, alive, types, num_allies
+            np.asarray(previous.unit_positions),
+            positions,
+            np.asarray(previous.unit_alive),
+            alive,
+            types,
+            num_allies,
         )
         moves = np.concatenate([ally_moves, enemy_moves])
         attacks = np.concatenate([ally_attacks, enemy_attacks])

@@ -26,6 +26,7 @@ from envs.sc2 import (
     actions_to_commands,
     bind_units,
     check_install,
+    estimate_enemy_actions,
     make_layout,
     smax_outcome,
     state_from_observation,
@@ -56,14 +57,15 @@ def observation(units: list[dict]) -> sc2api_pb2.ResponseObservation:
 # slots 103, 101, 102. Enemy 203 is 19.5 from ally slot 0, beyond sight 10.
 START = [
     dict(tag=101, type=SMAC_STALKER, owner=1, pos=(21.0, 34.0), health=80, shield=80),
-    dict(tag=102, type=SMAC_STALKER, owner=1, pos=(21.0, 38.0), health=80, shield=80),
+    dict(tag=102, type=SMAC_STALKER, owner=1, pos=(23.0, 37.5), health=80, shield=80),
     dict(tag=103, type=SMAC_STALKER, owner=1, pos=(20.5, 36.0), health=60, shield=30, cooldown=14),
     dict(tag=201, type=73, owner=2, pos=(26.0, 36.0), health=100, shield=20),
     dict(tag=202, type=73, owner=2, pos=(24.5, 37.0), health=70, shield=0),
     dict(tag=203, type=73, owner=2, pos=(40.0, 36.0), health=100, shield=50),
 ]
 # One step later after actions [east, south, attack enemy 1]: ally 101 died (gone from
-# raw_data), enemy 201 moved 1 west, 202 stood still next to ally slot 2, 203 stood alone.
+# raw_data), enemy 201 moved 1 west, 202 stood still next to ally slot 2 (1.58 apart),
+# 203 stood alone.
 LATER = [
     dict(tag=102, type=SMAC_STALKER, owner=1, pos=(23.0, 37.5), health=80, shield=80, cooldown=0),
     dict(tag=103, type=SMAC_STALKER, owner=1, pos=(21.0, 36.0), health=60, shield=10, cooldown=7),
@@ -103,7 +105,7 @@ def test_state_slots_positions_health_cooldown(layout, episode):
     roster, s0, s1 = episode
     assert roster.ally_tags == (103, 101, 102) and roster.enemy_tags == (201, 202, 203)
     np.testing.assert_allclose(
-        s0.unit_positions, [[10.5, 16], [11, 14], [11, 18], [16, 16], [14.5, 17], [30, 16]]
+        s0.unit_positions, [[10.5, 16], [11, 14], [13, 17.5], [16, 16], [14.5, 17], [30, 16]]
     )
     np.testing.assert_allclose(s0.unit_health, [90, 160, 160, 120, 70, 150])  # health + shield
     np.testing.assert_allclose(s0.unit_weapon_cooldowns, [14 / 22.4, 0, 0, 0, 0, 0], rtol=1e-6)
@@ -119,7 +121,8 @@ def test_state_slots_positions_health_cooldown(layout, episode):
 def test_previous_actions_ours_and_estimated_enemies(episode):
     _, _, s1 = episode
     # ours as issued (east, south, attack 6); enemy 201 moved west, 202 stood still with
-    # ally slot 2 at 1.58 < zealot range 2: attack in SMAX's enemy numbering 5 + (3−1−2)
+    # ally slot 2 at 1.58 < zealot range 2 at the step's start: attack in SMAX's enemy
+    # numbering 5 + (3−1−2)
     np.testing.assert_allclose(
         s1.prev_movement_actions, [[1, 0], [0, -1], [0, 0], [-1, 0], [0, 0], [0, 0]]
     )
@@ -133,7 +136,7 @@ def test_observation_matches_hand_computed_features(smax, episode):
     hand = np.concatenate(
         [
             unit(1.0, (0.5 / SIGHT, -2 / SIGHT)),  # ally slot 1
-            unit(1.0, (0.5 / SIGHT, 2 / SIGHT)),  # ally slot 2
+            unit(1.0, (2.5 / SIGHT, 1.5 / SIGHT)),  # ally slot 2
             unit(120 / ZEALOT_MAX, (5.5 / SIGHT, 0.0), kind=ZEALOT),  # enemy 0
             unit(70 / ZEALOT_MAX, (4.0 / SIGHT, 1 / SIGHT), kind=ZEALOT),  # enemy 1
             np.zeros(13),  # enemy 2: out of sight
@@ -229,6 +232,20 @@ def test_actions_to_commands(layout, episode):
     np.testing.assert_allclose(unpack(got[1])[2], (23.0, 35.5))
     with pytest.raises(ValueError, match=r"actions: expected 3 integers in \[0, 8\)"):
         actions_to_commands(np.array([8, 0, 0]), s1, roster, layout)
+
+
+def test_enemy_estimate_uses_the_step_start():
+    """Targets are chosen at the step's start (an ally killed during the step still was
+    one); the closest in range wins; a moving enemy is not attacking."""
+    before = np.array([[10, 10], [20, 10], [11.5, 10], [21, 10], [30, 10]], np.float32)
+    after = before + np.array([[0, 0], [0, 0], [0, 0], [0, 0], [0, 1.2]], np.float32)
+    alive_after = np.array([False, True, True, True, True])
+    types = np.array([STALKER, STALKER, ZEALOT, ZEALOT, ZEALOT])
+    moves, attacks = estimate_enemy_actions(
+        before, after, np.ones(5, bool), alive_after, types, num_allies=2
+    )
+    np.testing.assert_array_equal(moves, [[0, 0], [0, 0], [0, 1]])
+    assert attacks.tolist() == [5 + 1, 5 + 0, 0]  # enemies number allies in reverse
 
 
 def test_episode_ends_when_a_side_is_gone(layout, episode):
