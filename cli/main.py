@@ -19,6 +19,7 @@ SUBCOMMANDS = (
     "diagnose",
     "evaluate",
     "report",
+    "play_sc2",
 )
 
 HELP = """Failure forensics for cooperative multi-agent RL.

@@ -28,7 +28,7 @@ from agents.trainer import Trainer, make_trainer
 from cli import progress_bar
 from cli.evaluate_policy import evaluate, summary_line
 from configs.schema import ConfigError
-from envs import MultiAgentEnv
+from envs import JITTABLE_ENVS, MultiAgentEnv
 from forensics.store import atomic_write, current_code_version
 
 METRICS_FILE = "metrics.jsonl"
@@ -38,6 +38,12 @@ HYDRA_DIR = ".hydra"
 
 def build(config: Mapping[str, Any]) -> tuple[MultiAgentEnv, Trainer]:
     """Environment and trainer of a validated config; their own checks become ConfigErrors."""
+    name = config["env"]["name"]
+    if name not in JITTABLE_ENVS:
+        raise ConfigError(
+            f"env.name: {name} is the real game, for evaluation (forensics sc2-evaluate); "
+            f"train on a jitted env ({', '.join(JITTABLE_ENVS)}), e.g. env=smax_3s_vs_3z"
+        )
     try:
         env = checkpoint.env_from_config(config)
         return env, make_trainer(config["algo"]["name"], env, config["algo"])

@@ -6,10 +6,13 @@ import inspect
 from typing import Any
 
 from envs.base import EnvSpec, MultiAgentEnv
+from envs.sc2 import Sc2Env
 from envs.simple_spread import SimpleSpread
 from envs.smax import Smax
 
-ENVS: dict[str, type] = {"simple_spread": SimpleSpread, "smax": Smax}
+# "sc2" is the real game, stepped from Python: it evaluates policies, it does not train them.
+ENVS: dict[str, type] = {"simple_spread": SimpleSpread, "smax": Smax, "sc2": Sc2Env}
+JITTABLE_ENVS = ("simple_spread", "smax")
 
 __all__ = ["ENVS", "EnvSpec", "MultiAgentEnv", "make_env"]
 

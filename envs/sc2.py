@@ -79,7 +79,7 @@ from envs.smax import (
     ZEALOT,
     ZERGLING,
     Smax,
-    _import_smax,
+    import_smax,
 )
 
 # Standard SC2 unit-type ids (s2client-api's UNIT_TYPEID) → SMAX unit-type indices.
@@ -309,7 +309,7 @@ def state_from_observation(
     None at an episode's start. ``done``: one side has no unit left, or ``step`` reached
     ``max_steps``.
     """
-    smax = _import_smax()
+    smax = import_smax()
     roster = bind_units(obs, layout) if roster is None else roster
     tags = roster.ally_tags + roster.enemy_tags
     types = np.array(layout.allies + layout.enemies, np.uint8)

@@ -63,7 +63,7 @@ SMAX_MAPS: dict[str, SmaxMap] = {
 }
 
 
-def _import_smax() -> Any:
+def import_smax() -> Any:
     """JaxMARL's SMAX module, imported on first use: importing jaxmarl loads every JaxMARL
     environment (seconds) and prints a banner on file descriptor 1 (not through
     ``sys.stdout``), which would corrupt our command output; it is sent to /dev/null."""
@@ -133,7 +133,7 @@ class Smax:
         is often inside a ``jit`` trace: the module's and the env's constant arrays are
         computed eagerly, or they would be tracers that outlive the trace."""
         with jax.ensure_compile_time_eval():
-            smax = _import_smax()
+            smax = import_smax()
             types = jnp.asarray(self.battle.allies + self.battle.enemies, jnp.uint8)
             scenario = smax.Scenario(types, self.num_agents, self.num_enemies, False, False)
             return smax.HeuristicEnemySMAX(scenario=scenario, max_steps=self.max_steps)

@@ -21,7 +21,12 @@ def _options(group: str) -> list[str]:
     return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
 
 
-COMBINATIONS = list(itertools.product(_options("env"), _options("algo"), _options("attack")))
+GAME_ENVS = [e for e in _options("env") if e.startswith("sc2_")]  # real game: no training
+COMBINATIONS = list(
+    itertools.product(
+        [e for e in _options("env") if e not in GAME_ENVS], _options("algo"), _options("attack")
+    )
+)
 
 
 def test_every_group_has_options():
@@ -35,6 +40,14 @@ def test_every_combination_composes_validates_and_builds(env, algo, attack):
     built_env, trainer = build(config)
     assert built_env.spec.num_agents == config["env"]["num_agents"]
     assert trainer.env_steps_per_chunk > 0
+
+
+@pytest.mark.parametrize("env", GAME_ENVS)
+def test_game_envs_compose_validate_and_refuse_training(env):
+    config = compose_config([f"env={env}"])
+    assert config["env"]["name"] == "sc2"
+    with pytest.raises(ConfigError, match=r"env.name: sc2 is the real game, .* env=smax_"):
+        build(config)
 
 
 def test_defaults_are_the_documented_ones():
@@ -60,9 +73,15 @@ BAD_VALUES = [
     ("train.checkpoint_every_chunks=0", "train.checkpoint_every_chunks: expected"),
     ("train.eval_episodes=many", "train.eval_episodes: expected an integer >= 0, got 'many'"),
     ("env.num_agents=1", "env.num_agents: expected an integer >= 2, got 1"),
-    ("env.name=simple_sprawl", "env.name: expected one of simple_spread, got 'simple_sprawl'"),
+    (
+        "env.name=simple_sprawl",
+        "env.name: expected one of sc2, simple_spread, smax, got 'simple_sprawl'",
+    ),
     ("env.continuous=maybe", "env.continuous: expected true or false"),
     ("seed=-1", "seed: expected an integer >= 0"),
+    ("env=smax_3m env.map_name=4m", "env.map_name: unknown SMAX map '4m'"),
+    ("env=smax_2s3z env.num_agents=3", "env.num_agents: map 2s3z has 5 allies, got 3"),
+    ("+env.sight=3", "env.sight: unknown key for env simple_spread"),
     ("attack.name=gremlin", "attack.name: unknown attack 'gremlin'"),
     ("+attack.window=0", "attack.window: expected an integer >= 1, got 0"),
     ("algo.name=ppo", "algo.name: unknown algorithm 'ppo'"),
@@ -75,7 +94,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize("override,message", BAD_VALUES)
 def test_bad_values_fail_with_the_field_named(override, message):
     with pytest.raises(ConfigError) as err:
-        build(compose_config([override]))
+        build(compose_config(override.split()))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

@@ -31,7 +31,7 @@ from envs.sc2 import (
     smax_outcome,
     state_from_observation,
 )
-from envs.smax import MARINE, STALKER, ZEALOT, Smax, _import_smax
+from envs.smax import MARINE, STALKER, ZEALOT, Smax, import_smax
 
 SMAC_STALKER = 1970  # a SMAC map's custom ally id (any id outside the standard table)
 PLAYABLE = common_pb2.RectangleI(p0=common_pb2.PointI(x=10, y=20), p1=common_pb2.PointI(x=42, y=52))
@@ -161,7 +161,7 @@ def test_observation_matches_hand_computed_features(smax, episode):
 
 def test_observation_and_masks_equal_jaxmarl_smax_on_the_same_state(smax, episode):
     """Built independently of envs.smax, straight from JaxMARL."""
-    jaxmarl_smax = _import_smax()
+    jaxmarl_smax = import_smax()
     types = jnp.array([STALKER] * 3 + [ZEALOT] * 3, jnp.uint8)
     game = jaxmarl_smax.SMAX(scenario=jaxmarl_smax.Scenario(types, 3, 3, False, False))
     for state in episode[1:]:
