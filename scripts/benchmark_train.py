@@ -19,7 +19,13 @@ its row counts those updates; it has no Python-loop twin here.
 Compilation is excluded from all rates (reported separately); env-steps/s counts
 environment transitions (one joint step of all agents), updates included.
 
+With ``--smax MAP`` it times training on a SMAX battle instead (``algo=maddpg_smax`` and
+``algo=hatrpo_smax`` settings): both jitted trainers, against a Python loop that steps one
+SMAX battle at a time with the jitted env step and the jitted greedy actor and learns
+nothing (an upper bound on what a per-step training loop could reach).
+
     .venv/bin/python scripts/benchmark_train.py [--num-agents 3] [--continuous]
+    .venv/bin/python scripts/benchmark_train.py --smax 3s_vs_3z
 """
 
 from __future__ import annotations
@@ -111,13 +117,87 @@ def time_python_loop(spec, cfg: maddpg.MaddpgConfig, steps: int, continuous: boo
     }
 
 
+def time_smax_loop(env, steps: int) -> dict[str, float]:
+    """Env-steps/s of one SMAX battle stepped from Python (jitted step and greedy actor,
+    random actor weights, no learning)."""
+    cfg = maddpg.MaddpgConfig(sharing="both")
+    actor, _ = maddpg.build_networks(env.spec, cfg)
+    params = maddpg.init_learner(env.spec, cfg, jax.random.PRNGKey(0)).actor_params
+    act = jax.jit(lambda obs, avail: maddpg.greedy_actions(actor, params, obs, avail))
+    step, avail_of, reset = jax.jit(env.step), jax.jit(env.avail_actions), jax.jit(env.reset)
+
+    def run(num_steps: int) -> None:
+        key = jax.random.PRNGKey(1)
+        obs, state = reset(key)
+        for t in range(num_steps):
+            obs, state, _, done, _ = step(
+                jax.random.fold_in(key, t), state, act(obs, avail_of(state))
+            )
+            if done:
+                obs, state = reset(jax.random.fold_in(key, -t))
+        jax.block_until_ready(obs)
+
+    t0 = time.perf_counter()
+    run(2)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run(steps)
+    return {
+        "steps": steps,
+        "updates": 0,
+        "seconds": time.perf_counter() - t0,
+        "compile_s": compile_s,
+    }
+
+
+def smax_main(map_name: str, chunks: int, loop_steps: int) -> None:
+    """Training throughput on a SMAX battle (the SMAX rows of the README)."""
+    from envs.smax import SMAX_MAPS
+
+    n = len(SMAX_MAPS[map_name].allies)
+    env = make_env("smax", num_agents=n, continuous=False, map_name=map_name)
+    # The settings of configs/algo/maddpg_smax.yaml and hatrpo_smax.yaml.
+    mcfg = maddpg.MaddpgConfig(actor_hidden=(128, 128), critic_hidden=(128, 128), gamma=0.99,
+                               lr_actor=5e-4, lr_critic=5e-4, sharing="both", num_envs=32,
+                               buffer_size=200_000, iterations_per_chunk=10, warmup=0)  # fmt: skip
+    hcfg = hatrpo.HatrpoConfig(num_envs=32, iterations_per_chunk=10)
+    print(f"smax {map_name} (N={n}, battles padded to {env.spec.episode_length} steps); "
+          f"jax backend={jax.default_backend()}")  # fmt: skip
+    results = {
+        "MADDPG jitted trainer": time_jitted(
+            maddpg.make_trainer(env, mcfg), chunks, mcfg.iterations_per_chunk * 16
+        ),
+        "HATRPO jitted trainer": time_jitted(
+            hatrpo.make_trainer(env, hcfg), chunks, hcfg.iterations_per_chunk
+        ),
+        "python loop, env+actor only": time_smax_loop(env, loop_steps),
+    }
+    report(results, baseline="python loop, env+actor only")
+
+
+def report(results: dict[str, dict[str, float]], baseline: str) -> dict[str, float]:
+    """Print env-steps/s per row and each row's ratio to ``baseline`` (same run)."""
+    rates = {name: r["steps"] / r["seconds"] for name, r in results.items()}
+    for name, r in results.items():
+        print(
+            f"{name:>28}: {rates[name]:10.0f} env-steps/s  ({r['steps']} steps, "
+            f"{r['updates']} updates in {r['seconds']:.1f} s; compile {r['compile_s']:.1f} s)"
+            f"  {rates[name] / rates[baseline]:6.1f}x {baseline}"
+        )
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-agents", type=int, default=3)
     parser.add_argument("--continuous", action="store_true")
     parser.add_argument("--chunks", type=int, default=2, help="timed jitted chunks")
     parser.add_argument("--loop-steps", type=int, default=3200, help="timed Python-loop steps")
+    parser.add_argument("--smax", metavar="MAP", help="time training on this SMAX map instead")
     args = parser.parse_args()
+    if args.smax:
+        smax_main(args.smax, args.chunks, args.loop_steps)
+        return
 
     env = make_env("simple_spread", num_agents=args.num_agents, continuous=args.continuous)
     cfg = maddpg.MaddpgConfig(warmup=0)  # defaults; update from the first iteration on
@@ -136,15 +216,7 @@ def main() -> None:
             hatrpo.make_trainer(env, hcfg), args.chunks, hcfg.iterations_per_chunk
         ),
     }
-    rates = {}
-    for name, r in results.items():
-        rates[name] = r["steps"] / r["seconds"]
-        print(
-            f"{name:>26}: {rates[name]:10.0f} env-steps/s  ({r['steps']} steps, "
-            f"{r['updates']} updates in {r['seconds']:.1f} s; compile {r['compile_s']:.1f} s)"
-        )
-    speed_up = rates["MADDPG jitted trainer"] / rates["MADDPG python loop"]
-    print(f"{'MADDPG speed-up':>26}: {speed_up:10.1f}x")
+    report(results, baseline="MADDPG python loop")
     print(
         f"(HATRPO: one update = {hcfg.num_envs} episodes, {hcfg.num_envs * env.spec.episode_length}"
         f" env steps; MADDPG python loop = mpe2 PettingZoo stepped in Python)"

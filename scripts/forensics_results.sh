@@ -7,6 +7,7 @@
 # (forensics=default), with the paper's Stage-1 statistic (forensics=paper) and, for observation
 # attacks, with ours reading the environment's own observation (obs_true), and writes
 # results/NAME.md and results/NAME.parquet. Re-running resumes: finished stores are skipped.
+# ATTACKS / EXTRA_ATTACKS (environment) choose the attacks recorded over SEEDS / EXTRA_SEEDS.
 set -euo pipefail
 RUN=${1:?usage: scripts/forensics_results.sh RUN_DIR NAME [SEEDS] [EXTRA_SEEDS]}
 NAME=${2:?usage: scripts/forensics_results.sh RUN_DIR NAME [SEEDS] [EXTRA_SEEDS]}
@@ -32,6 +33,8 @@ record() {  # record(attack, seeds): one store, diagnosed twice
     diags+=("$store/diagnosis-true")
   fi
 }
-for attack in worst_action obs_fgsm obs_pgd; do record "$attack" "$SEEDS"; done
-for attack in stuck_actuator action_noise param_noise obs_gaussian; do record "$attack" "$EXTRA"; done
+for attack in ${ATTACKS:-worst_action obs_fgsm obs_pgd}; do record "$attack" "$SEEDS"; done
+for attack in ${EXTRA_ATTACKS-stuck_actuator action_noise param_noise obs_gaussian}; do
+  record "$attack" "$EXTRA"
+done
 "$BIN/forensics" evaluate "${diags[@]}" --out "results/$NAME.parquet" --markdown "results/$NAME.md"
