@@ -56,5 +56,6 @@ lint: install
 # a per-step Python loop in the same run (each script prints its sizes; --help to change them).
 bench: install
 	$(BIN)/python scripts/benchmark_train.py
+	$(BIN)/python scripts/benchmark_train.py --smax 3s_vs_3z
 	$(BIN)/python scripts/benchmark_rollout.py
 	$(BIN)/python scripts/benchmark_diagnose.py

@@ -87,12 +87,26 @@ def latest_meta(mngr: ocp.CheckpointManager) -> dict[str, Any] | None:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def restore_state(mngr: ocp.CheckpointManager, abstract_state: Any) -> Any:
-    """The newest TrainState, with the structure/shapes/dtypes of ``abstract_state``."""
+def restore_state(
+    mngr: ocp.CheckpointManager, abstract_state: Any, meta: Mapping[str, Any] | None = None
+) -> Any:
+    """The newest TrainState, with the structure/shapes/dtypes of ``abstract_state``.
+
+    A train state saved by code whose state layout differs (e.g. a replay buffer without
+    a field this version records) cannot resume: ``ConfigError`` names the checkpoint and
+    the code version that wrote it. Its policy still loads (``load_policy``)."""
     step = mngr.latest_step()
-    restored = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    )
+    try:
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+    except ValueError as err:
+        version = (meta or {}).get("code_version", "an unknown code version")
+        raise ConfigError(
+            f"{mngr.directory}/{step}: the train state was saved by code {version} with another "
+            f"layout ({str(err).splitlines()[0][:120]}); resume it with that version, or start "
+            "a new run (another out_dir= or run_name=); its policy still evaluates and attacks"
+        ) from None
     return restored["state"]
 
 

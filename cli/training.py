@@ -100,7 +100,7 @@ def _initial_state(
     if meta is None:  # jitted: one (persistently cached) compile, not op-by-op dispatch
         return jax.jit(trainer.init)(init_key), 0
     abstract = jax.eval_shape(trainer.init, init_key)
-    return checkpoint.restore_state(mngr, abstract), meta["chunk"]
+    return checkpoint.restore_state(mngr, abstract, meta), meta["chunk"]
 
 
 def _chunk_record(chunk: int, per_chunk: int, metrics: Mapping[str, Any], wall: float) -> dict:

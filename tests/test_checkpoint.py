@@ -104,3 +104,14 @@ def test_only_the_newest_checkpoints_are_kept(run, tmp_path):
 def test_load_policy_outside_a_run_directory_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints/ here"):
         checkpoint.load_policy(tmp_path)
+
+
+def test_a_train_state_of_another_layout_is_refused_in_one_line(run):
+    """A checkpoint whose train state has another structure (e.g. written before the replay
+    buffer recorded action masks) names itself and the code version, without a traceback."""
+    _, _, trainer, _, run_dir = run
+    abstract = jax.eval_shape(trainer.init, KEY)
+    other = abstract.replace(buffer={"only": abstract.buffer.data.obs})  # another layout
+    mngr = checkpoint.manager(run_dir)
+    with pytest.raises(ConfigError, match=r"checkpoints/\d+: the train state was saved by code "):
+        checkpoint.restore_state(mngr, other, checkpoint.latest_meta(mngr))
