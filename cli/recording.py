@@ -195,6 +195,7 @@ def store_batch(chunk: R.ProtocolChunk, attack: Attack) -> dict[str, np.ndarray]
         "actions": ep.actions,
         "clean_actions": ep.clean_actions,
         "rewards": ep.rewards,
+        "avail": ep.avail,
         "valid": np.cumsum(done, axis=-1) - done == 0,
         "episode_id": (seeds[:, None] * per_seed + np.arange(per_seed)).ravel(),
         "seed": np.repeat(seeds, per_seed),
@@ -271,7 +272,9 @@ def record(
     report((len(seeds) - len(todo)) * per_seed)
     fell = 0
     compute = write = 0.0
-    with st.StoreWriter(out, spec, checkpoint=identity, config=session_config, seeds=todo) as w:
+    with st.StoreWriter(
+        out, spec, checkpoint=identity, config=session_config, seeds=todo, optional_fields=["avail"]
+    ) as w:
         chunks = R.iter_protocol(fn, actor_params, critic_params, todo, chunk_seeds)
         while True:
             t0 = time.perf_counter()

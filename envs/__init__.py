@@ -13,8 +13,9 @@ from envs.smax import Smax
 # "sc2" is the real game, stepped from Python: it evaluates policies, it does not train them.
 ENVS: dict[str, type] = {"simple_spread": SimpleSpread, "smax": Smax, "sc2": Sc2Env}
 JITTABLE_ENVS = ("simple_spread", "smax")
+MASKED_ENVS = ("smax", "sc2")  # envs whose legal actions change from step to step
 
-__all__ = ["ENVS", "EnvSpec", "MultiAgentEnv", "make_env"]
+__all__ = ["ENVS", "JITTABLE_ENVS", "MASKED_ENVS", "EnvSpec", "MultiAgentEnv", "make_env"]
 
 
 def make_env(name: str, num_agents: int, continuous: bool, **options: Any) -> MultiAgentEnv:

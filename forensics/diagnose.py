@@ -58,6 +58,7 @@ import pandas as pd
 
 from agents.sharding import batch_mesh, replicated, shard_batch
 from configs.schema import ConfigError
+from envs import MASKED_ENVS
 from forensics.calibration import (
     Calibration,
     budget_calibration,
@@ -331,16 +332,18 @@ def measure(
     rewards: jax.Array,
     valid: jax.Array,
     key: jax.Array,
+    avail: jax.Array | None = None,
     *,
     evidence_window: int,
     evidence: str,
 ) -> Measures:
     """Everything diagnose differentiates, for a batch: obs [B, T, N, O], actions [B, T, N(, A)],
-    rewards [B, T, N], valid [B, T] bool, key (random Stage-1 probes). The baselines are smoothed
-    by the same rolling mean as the Stage-1 score; the edge evidence is the ``evidence``
+    rewards [B, T, N], valid [B, T] bool, key (random Stage-1 probes), avail [B, T, N, A] the
+    recorded legal actions (None: every action legal; π is the policy over legal actions).
+    The baselines are smoothed by the same rolling mean as the Stage-1 score; the edge evidence is the ``evidence``
     (max | mean) of A over the ``evidence_window`` steps ending at each t."""
     act = critic_input(inst, actions)
-    s1 = stage1_scores(inst.actor_apply, params["actor"], obs, None, key, actions, cfg=inst.stage1)
+    s1 = stage1_scores(inst.actor_apply, params["actor"], obs, avail, key, actions, cfg=inst.stage1)
     geom = critic_geometry(inst.critic_apply, params["critic"], obs, act, wrt="act")
     q_all = jax.vmap(inst.critic_apply, in_axes=(0, None, None))  # every critic j at one step
     q = jax.vmap(jax.vmap(q_all, in_axes=(None, 0, 0)), in_axes=(None, 0, 0))(
@@ -588,6 +591,23 @@ def open_inputs(
     return Inputs(store, cal, model_from_policy(policy, stage1), policy, ident)
 
 
+def mask_fields(inputs: Inputs) -> tuple[str, ...]:
+    """("avail",) when the stores recorded legal actions, () for stores of an env without
+    masks written before masks were recorded; a masked env's store must have them."""
+    have = [
+        any(c.name == "avail" for c in s.meta.columns) for s in (inputs.store, inputs.calibration)
+    ]
+    if all(have):
+        return ("avail",)
+    if inputs.policy.env.spec.name in MASKED_ENVS:
+        where = inputs.store.path if not have[0] else inputs.calibration.path
+        raise StoreError(
+            f"store {where}: records no action masks, which {inputs.policy.env.spec.name} "
+            "needs; re-record it with this version of forensics rollout"
+        )
+    return ()
+
+
 def _column(store: EpisodeStore, name: str) -> np.ndarray:
     return np.concatenate([b[name] for b in store.iter_batches([name], 1 << 16)])
 
@@ -639,8 +659,8 @@ def _measure_batch(
     n = len(batch["episode_id"])
     b = _pad(batch, cfg.batch_episodes)
     mesh = batch_mesh(cfg.batch_episodes)
-    obs, actions, rewards, valid = shard_batch(
-        (b[cfg.observations], b["actions"], b["rewards"], b["valid"]), mesh
+    obs, actions, rewards, valid, avail = shard_batch(
+        (b[cfg.observations], b["actions"], b["rewards"], b["valid"], b.get("avail")), mesh
     )
     params, key = jax.device_put((model.params, key), replicated(mesh))
     m = measure(
@@ -651,6 +671,7 @@ def _measure_batch(
         rewards,
         valid,
         key,
+        avail,
         evidence_window=cfg.evidence_window,
         evidence=cfg.evidence,
     )
@@ -887,7 +908,7 @@ def diagnose(
     store, cal_store, model = inputs.store, inputs.calibration, inputs.model
     fields = tuple(
         dict.fromkeys(f if f != "obs_perceived" else cfg.observations for f in SCORED_FIELDS)
-    )
+    ) + mask_fields(inputs)
     for s in (store, cal_store):
         for file, problem in s.skipped:
             log(f"warning: {s.path}: skipped chunk {file}: {problem}")

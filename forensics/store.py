@@ -107,6 +107,8 @@ EPISODE_FIELDS: tuple[Field, ...] = (
     Field("rewards", "float32", ("T", "N")),
     Field("valid", "bool", ("T",)),
     Field("critic_actions", "float32", ("T", "N", "A"), optional=True),
+    # legal actions (masked envs such as SMAX); stores written before it have no masks
+    Field("avail", "bool", ("T", "N", "A"), optional=True),
     # per episode: identity and replay
     Field("episode_id", "int64"),
     Field("seed", "int64"),

@@ -29,7 +29,9 @@ EPISODES = 4 * (1 + N * (N - 1) * 2)  # per seed: the clean episode + pairs × {
 OVERRIDES = ["forensics.batch_episodes=32"]  # small fixed batches: less padding on 2 cores
 CONFIG = dg.DiagnoseConfig.from_mapping(compose_config(OVERRIDES)["forensics"])
 # what diagnose reads from the scored store: SCORED_FIELDS with the configured observations
-SCORED = {CONFIG.observations if f == "obs_perceived" else f for f in dg.SCORED_FIELDS}
+SCORED = {CONFIG.observations if f == "obs_perceived" else f for f in dg.SCORED_FIELDS} | {
+    "avail"  # the env's legal actions: observable in deployment, not ground truth
+}
 
 
 def diagnose_args(store: Path, calibration: Path | None, *extra: str | Path) -> list:

@@ -183,7 +183,9 @@ def test_smax_train_rollout_diagnose_evaluate_end_to_end(tmp_path):
     run("rollout", str(run_dir), "-o", str(tmp_path / "clean"), "--seeds", "100:140",
         "attack=none")  # fmt: skip
     store = open_store(tmp_path / "attacked")
-    cols = next(store.iter_batches(["clean", "start", "valid", "victim"], 4096))
+    cols = next(store.iter_batches(["clean", "start", "valid", "victim", "actions", "avail"], 4096))
+    taken = np.take_along_axis(cols["avail"], cols["actions"][..., None], axis=-1)[..., 0]
+    assert taken[cols["valid"]].all()  # every recorded action was legal, attacks included
     attacked = ~cols["clean"]
     assert attacked.sum() == 24
     played = cols["valid"].sum(axis=1)
