@@ -8,6 +8,13 @@ and step t with clean-episode moments,
 
 with σ floored at 1e-6, and flag agent i at t when z > c_i (see stage1.detect_onsets).
 
+One-sided (ours): only growth is evidence, so clean values below the clean median m_{t,i} carry
+none, yet a heavy lower tail would dominate σ — e.g. the log-cost of a near-deterministic
+policy's greedy action spans −100…0 on clean steps, σ ≈ 30, and an attacked step 2 log-units
+above the clean maximum is then 0.07σ away. So the one-sided normaliser clips from below at
+the clean median first: x' = max(x, m_{t,i}), μ and σ are the moments of the clipped clean x',
+and z = (max(x, m) − μ)/σ. Two-sided (the paper's band) uses x unclipped.
+
 * **paper** — μ, σ over the clean rollouts (population std), c_i = K for every agent
   (K = 2 MADDPG, 3 HATRPO). No control of the false-alarm rate.
 * **budget** (ours) — a per-episode false-alarm budget α: choose c_i so that the share of clean
@@ -45,6 +52,7 @@ SIGMA_FLOOR = 1e-6
 class Normaliser:
     mu: jax.Array  # [T, N]
     sigma: jax.Array  # [T, N] (≥ SIGMA_FLOOR)
+    floor: jax.Array  # [T, N] clip level of x: the clean median (one-sided), −inf (two-sided)
     count: jax.Array  # [T] clean episodes that reach step t
     two_sided: bool = struct.field(pytree_node=False, default=True)
 
@@ -78,11 +86,17 @@ def _valid_or_all(x: jax.Array, valid: jax.Array | None) -> jax.Array:
 def fit_normaliser(
     clean: jax.Array, valid: jax.Array | None = None, *, two_sided: bool = True
 ) -> Normaliser:
-    """Per-(step, agent) mean and population std of ``clean`` [E_c, T, N] over valid episodes."""
+    """Per-(step, agent) mean and population std of ``clean`` [E_c, T, N] over valid episodes,
+    of the values clipped from below at their median when one-sided (module docstring)."""
     _check_stat(clean, "clean calibration scores")
     valid = _valid_or_all(clean, valid)
     if not bool(jnp.all(jnp.isfinite(clean) | ~valid[..., None])):
         raise ValueError("clean calibration scores: contain NaN or inf at valid steps")
+    floor = jnp.full(clean.shape[1:], -jnp.inf, clean.dtype)
+    if not two_sided:
+        median = jnp.nanmedian(jnp.where(valid[..., None], clean, jnp.nan), axis=0)
+        floor = jnp.where(jnp.isfinite(median), median, -jnp.inf)  # no clean episode: no clip
+        clean = jnp.maximum(clean, floor)
     w = valid.astype(clean.dtype)[..., None]
     clean = jnp.where(valid[..., None], clean, 0.0)
     count = jnp.sum(w[..., 0], axis=0)
@@ -90,7 +104,7 @@ def fit_normaliser(
     mu = jnp.sum(w * clean, axis=0) / n
     var = jnp.sum(w * (clean - mu) ** 2, axis=0) / n
     return Normaliser(
-        mu, jnp.maximum(jnp.sqrt(var), SIGMA_FLOOR), count.astype(jnp.int32), two_sided
+        mu, jnp.maximum(jnp.sqrt(var), SIGMA_FLOOR), floor, count.astype(jnp.int32), two_sided
     )
 
 
@@ -110,7 +124,7 @@ def normalise(
             f"scores: shape {x.shape} is not covered by the calibration (T ≤ {t_cal}, N = {n_cal})"
         )
     t = x.shape[1]
-    dev = x - norm.mu[:t]
+    dev = jnp.maximum(x, norm.floor[:t]) - norm.mu[:t]
     z = (jnp.abs(dev) if norm.two_sided else dev) / norm.sigma[:t]
     ok = (norm.count[:t] >= min_count)[None, :, None] & valid[..., None]
     return jnp.where(ok, z, 0.0)

@@ -885,6 +885,7 @@ def calibration_arrays(cals: Calibrations) -> dict[str, np.ndarray]:
             {
                 f"{name}_mu": np.asarray(cal.norm.mu),
                 f"{name}_sigma": np.asarray(cal.norm.sigma),
+                f"{name}_floor": np.asarray(cal.norm.floor),
                 f"{name}_threshold": np.asarray(cal.threshold),
                 f"{name}_watch": np.asarray(cal.watch),
             }

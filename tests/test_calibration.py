@@ -112,3 +112,29 @@ def test_bad_calibration_input_raises_clear_errors():
     padded = clean.at[3, 20:].set(jnp.nan)  # NaN only after episode 3 ended: fine
     valid = jnp.ones(clean.shape[:2], bool).at[3, 20:].set(False)
     assert float(jnp.abs(normalise(padded, norm, valid)[3, 20:]).max()) == 0.0
+
+
+def test_one_sided_normaliser_ignores_the_lower_tail():
+    """Clean log-costs with a heavy lower tail (a confident policy: −100…0) and an upper tail
+    near 0: one-sided, values are clipped at the clean median before μ, σ, so a value 2 above
+    the clean maximum stands out; without the clip σ ≈ 30 would drown it."""
+    rng = np.random.default_rng(0)
+    clean = np.where(rng.random((400, 5, 2)) < 0.5, -rng.uniform(0, 100, (400, 5, 2)),
+                     rng.uniform(-1.0, 0.0, (400, 5, 2))).astype(np.float32)  # fmt: skip
+    one = fit_normaliser(jnp.asarray(clean), two_sided=False)
+    two = fit_normaliser(jnp.asarray(clean), two_sided=True)
+    median = np.median(clean, axis=0)
+    np.testing.assert_allclose(one.floor, median, rtol=1e-6)
+    clipped = np.maximum(clean, median)
+    np.testing.assert_allclose(one.mu, clipped.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(one.sigma, clipped.std(0), rtol=1e-4)
+    assert np.all(np.isneginf(two.floor))
+    attacked = np.full((1, 5, 2), 2.0, np.float32)  # 2 above every clean value
+    z_one = normalise(jnp.asarray(attacked), one)
+    margin = (z_one[0] - normalise(jnp.asarray(clean), one).max(axis=0)).min()
+    unclipped = lambda x: (x - two.mu) / two.sigma  # the same z without the clip
+    margin_unclipped = (unclipped(attacked[0]) - unclipped(clean).max(axis=0)).min()
+    assert float(margin) > 0.3 and float(margin) > 5 * float(margin_unclipped) > 0
+    # below the median, all values are equally unsuspicious
+    low = normalise(jnp.asarray(np.stack([median - 50, median - 1])), one)
+    np.testing.assert_array_equal(low[0], low[1])
