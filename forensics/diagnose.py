@@ -340,8 +340,9 @@ def measure(
     """Everything diagnose differentiates, for a batch: obs [B, T, N, O], actions [B, T, N(, A)],
     rewards [B, T, N], valid [B, T] bool, key (random Stage-1 probes), avail [B, T, N, A] the
     recorded legal actions (None: every action legal; π is the policy over legal actions).
-    The baselines are smoothed by the same rolling mean as the Stage-1 score; the edge evidence is the ``evidence``
-    (max | mean) of A over the ``evidence_window`` steps ending at each t."""
+    The baselines are smoothed by the same rolling mean as the Stage-1 score; the edge
+    evidence is the ``evidence`` (max | mean) of A over the ``evidence_window`` steps ending
+    at each t."""
     act = critic_input(inst, actions)
     s1 = stage1_scores(inst.actor_apply, params["actor"], obs, avail, key, actions, cfg=inst.stage1)
     geom = critic_geometry(inst.critic_apply, params["critic"], obs, act, wrt="act")
