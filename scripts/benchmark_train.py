@@ -127,14 +127,14 @@ def time_smax_loop(env, steps: int) -> dict[str, float]:
     step, avail_of, reset = jax.jit(env.step), jax.jit(env.avail_actions), jax.jit(env.reset)
 
     def run(num_steps: int) -> None:
-        key = jax.random.PRNGKey(1)
-        obs, state = reset(key)
+        key, reset_key = jax.random.split(jax.random.PRNGKey(1))
+        obs, state = reset(reset_key)
         for t in range(num_steps):
             obs, state, _, done, _ = step(
                 jax.random.fold_in(key, t), state, act(obs, avail_of(state))
             )
             if done:
-                obs, state = reset(jax.random.fold_in(key, -t))
+                obs, state = reset(jax.random.fold_in(reset_key, t))
         jax.block_until_ready(obs)
 
     t0 = time.perf_counter()
