@@ -589,15 +589,16 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
         global_state = jax.vmap(env.global_state)
 
         def step(carry, inp):
-            obs, env_state, alive = carry
+            # The global state rides in the carry: each step's "after" is the next "before".
+            obs, env_state, state_before, alive = carry
             key, t = inp
             k_act, k_env = jax.random.split(key)
             avail = jax.vmap(env.avail_actions)(env_state) if spec.discrete else None
             actions = head.dist.sample(k_act, forward_team(head, thetas, obs, avail))
-            state_before = global_state(env_state)
             next_obs, env_state, reward, done, _ = jax.vmap(env.step)(
                 jax.random.split(k_env, E), env_state, actions
             )
+            state_after = global_state(env_state)
             # A done on the last step is the time limit, not a terminal state.
             terminal = (done & (t < T - 1)).astype(jnp.float32)
             tr = Transition(
@@ -606,17 +607,15 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
                 avail,
                 reward,
                 state_before,
-                global_state(env_state),
+                state_after,
                 terminal,
                 done.astype(jnp.float32),
                 alive.astype(jnp.float32),
             )
-            return (next_obs, env_state, alive & ~done), tr
+            return (next_obs, env_state, state_after, alive & ~done), tr
 
-        alive = jnp.ones((E,), bool)
-        _, traj = jax.lax.scan(
-            step, (obs, env_state, alive), (jax.random.split(k_steps, T), jnp.arange(T))
-        )
+        carry = (obs, env_state, global_state(env_state), jnp.ones((E,), bool))
+        _, traj = jax.lax.scan(step, carry, (jax.random.split(k_steps, T), jnp.arange(T)))
         return traj
 
     def update_critic(state: TrainState, inputs, target_n, value_old_n, weight, key):

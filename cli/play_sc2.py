@@ -89,7 +89,7 @@ def evaluate_in_sc2(
         "mean_length": float(np.mean(lengths)),
         "code_version": current_code_version(),
     }
-    atomic_write(run_dir / SC2_EVALUATION_FILE, (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write(run_dir / SC2_EVALUATION_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 

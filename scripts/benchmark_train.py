@@ -151,27 +151,26 @@ def time_smax_loop(env, steps: int) -> dict[str, float]:
 
 
 def smax_main(map_name: str, chunks: int, loop_steps: int) -> None:
-    """Training throughput on a SMAX battle (the SMAX rows of the README)."""
-    from envs.smax import SMAX_MAPS
+    """Training throughput on a SMAX battle (the SMAX rows of the README), with the
+    trainers built from configs/algo/maddpg_smax.yaml and hatrpo_smax.yaml."""
+    from cli.hydra_entry import compose_config
+    from cli.training import build
 
-    n = len(SMAX_MAPS[map_name].allies)
-    env = make_env("smax", num_agents=n, continuous=False, map_name=map_name)
-    # The settings of configs/algo/maddpg_smax.yaml and hatrpo_smax.yaml.
-    mcfg = maddpg.MaddpgConfig(actor_hidden=(128, 128), critic_hidden=(128, 128), gamma=0.99,
-                               lr_actor=5e-4, lr_critic=5e-4, sharing="both", num_envs=32,
-                               buffer_size=200_000, iterations_per_chunk=10, warmup=0)  # fmt: skip
-    hcfg = hatrpo.HatrpoConfig(num_envs=32, iterations_per_chunk=10)
-    print(f"smax {map_name} (N={n}, battles padded to {env.spec.episode_length} steps); "
-          f"jax backend={jax.default_backend()}")  # fmt: skip
-    results = {
-        "MADDPG jitted trainer": time_jitted(
-            maddpg.make_trainer(env, mcfg), chunks, mcfg.iterations_per_chunk * 16
-        ),
-        "HATRPO jitted trainer": time_jitted(
-            hatrpo.make_trainer(env, hcfg), chunks, hcfg.iterations_per_chunk
-        ),
-        "python loop, env+actor only": time_smax_loop(env, loop_steps),
-    }
+    results = {}
+    # MADDPG with warmup=0: every timed chunk includes its gradient updates
+    for label, algo, extra in (
+        ("MADDPG", "maddpg_smax", ["algo.warmup=0"]),
+        ("HATRPO", "hatrpo_smax", []),
+    ):
+        config = compose_config([f"env=smax_{map_name}", f"algo={algo}", *extra])
+        env, trainer = build(config)
+        updates = config["algo"]["iterations_per_chunk"] * config["algo"].get(
+            "updates_per_iteration", 1
+        )
+        results[f"{label} jitted trainer"] = time_jitted(trainer, chunks, updates)
+    print(f"smax {map_name} (N={env.spec.num_agents}, battles padded to "
+          f"{env.spec.episode_length} steps); jax backend={jax.default_backend()}")  # fmt: skip
+    results["python loop, env+actor only"] = time_smax_loop(env, loop_steps)
     report(results, baseline="python loop, env+actor only")
 
 
