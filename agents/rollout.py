@@ -40,7 +40,7 @@ import pandas as pd
 
 from agents import attacks
 from agents.attacks import START_MODES, Attack, Params, Step, Target, Team
-from envs.base import MultiAgentEnv
+from envs.base import EnvSpec, MultiAgentEnv
 
 
 class Episode(NamedTuple):
@@ -83,6 +83,74 @@ def check_params(attack: Attack, team: Team, critic_params: Params | None) -> No
         )
 
 
+class StepRecord(NamedTuple):
+    """What one step records besides the env's rewards and done (one episode, [N, ...])."""
+
+    obs_true: jax.Array
+    obs_perceived: jax.Array
+    actions: jax.Array
+    clean_actions: jax.Array
+    critic_actions: jax.Array
+    avail: jax.Array
+    active: jax.Array
+
+
+class Attacker(NamedTuple):
+    """An episode's fixed attack inputs: its target, the victim's (possibly corrupted)
+    actor params and the key of the per-step attack noise."""
+
+    target: Target
+    victim_params: Params
+    step_key: jax.Array
+
+
+def start_attack(
+    attack: Attack, spec: EnvSpec, actor_params: Params, key: jax.Array, target: Target
+) -> tuple[Attacker, jax.Array]:
+    """(the episode's ``Attacker``, the initial latched action) from its key and target."""
+    k_params, k_steps = jax.random.split(streams(key).attack)
+    victim_params = attacks.agent_slice(
+        attacks.corrupt_params(attack, k_params, actor_params, target.victim), target.victim
+    )
+    latched0 = (
+        jnp.zeros((), jnp.int32) if spec.discrete else jnp.zeros((spec.action_dim,), jnp.float32)
+    )
+    return Attacker(target, victim_params, k_steps), latched0
+
+
+def attacked_step(
+    team: Team,
+    attack: Attack,
+    actor_params: Params,
+    critic_params: Params | None,
+    attacker: Attacker,
+    obs: jax.Array,
+    avail: jax.Array,
+    latched: jax.Array,
+    t: jax.Array,
+) -> tuple[jax.Array, jax.Array, StepRecord]:
+    """One step's decisions (the module docstring's equations) from the true obs [N, O] and
+    legal actions [N, A] at step t: (actions to send to the env, the latched action carried
+    to t + 1, the step's record). The env itself is stepped by the caller, so that the same
+    function serves the jitted scan and Python-stepped envs (``play_episode``)."""
+    target, victim = attacker.target, attacker.target.victim
+    clean_act = team.greedy(jax.vmap(team.actor_apply)(actor_params, obs), avail)
+    clean_crit = team.critic_input(clean_act)
+    info = Step(obs, avail, clean_crit, victim, target.observed)
+    k_obs, k_act = jax.random.split(jax.random.fold_in(attacker.step_key, t))
+    active = attacks.is_active(target, t)
+    obs_v = attacks.perceive(attack, team, k_obs, info, attacker.victim_params, critic_params)
+    out_v = team.actor_apply(attacker.victim_params, obs_v)
+    latched = jnp.where(t == target.start, clean_act[victim], latched)
+    act_v = attacks.act(attack, team, k_act, info, out_v, latched, critic_params)
+    actions = clean_act.at[victim].set(jnp.where(active, act_v, clean_act[victim]))
+    obs_seen = obs.at[victim].set(jnp.where(active, obs_v, obs[victim]))
+    record = StepRecord(
+        obs, obs_seen, actions, clean_act, team.critic_input(actions), avail, active
+    )
+    return actions, latched, record
+
+
 def _episode(
     env: MultiAgentEnv,
     team: Team,
@@ -96,48 +164,41 @@ def _episode(
     spec = env.spec
     keys = streams(key)
     obs0, state0 = env.reset(keys.reset)
-    k_params, k_steps = jax.random.split(keys.attack)
-    victim = target.victim
-    victim_params = attacks.agent_slice(
-        attacks.corrupt_params(attack, k_params, actor_params, victim), victim
-    )
-    latched0 = (
-        jnp.zeros((), jnp.int32) if spec.discrete else jnp.zeros((spec.action_dim,), jnp.float32)
-    )
+    attacker, latched0 = start_attack(attack, spec, actor_params, key, target)
 
     def step(carry, t):
         state, obs, latched = carry
         avail = env.avail_actions(state)
-        clean_act = team.greedy(jax.vmap(team.actor_apply)(actor_params, obs), avail)
-        clean_crit = team.critic_input(clean_act)
-        info = Step(obs, avail, clean_crit, victim, target.observed)
-        k_obs, k_act = jax.random.split(jax.random.fold_in(k_steps, t))
-        active = attacks.is_active(target, t)
-        obs_v = attacks.perceive(attack, team, k_obs, info, victim_params, critic_params)
-        out_v = team.actor_apply(victim_params, obs_v)
-        latched = jnp.where(t == target.start, clean_act[victim], latched)
-        act_v = attacks.act(attack, team, k_act, info, out_v, latched, critic_params)
-        actions = clean_act.at[victim].set(jnp.where(active, act_v, clean_act[victim]))
-        obs_seen = obs.at[victim].set(jnp.where(active, obs_v, obs[victim]))
+        actions, latched, rec = attacked_step(
+            team, attack, actor_params, critic_params, attacker, obs, avail, latched, t
+        )
         next_obs, next_state, rewards, done, _ = env.step(
             jax.random.fold_in(keys.env, t), state, actions
         )
-        record = (
-            obs,
-            obs_seen,
-            actions,
-            clean_act,
-            team.critic_input(actions),
-            rewards,
-            avail,
-            done,
-            active,
-        )
-        return (next_state, next_obs, latched), record
+        return (next_state, next_obs, latched), (rec, rewards, done)
 
     steps = jnp.arange(spec.episode_length, dtype=jnp.int32)
-    _, rec = jax.lax.scan(step, (state0, obs0, latched0), steps)
-    return Episode(*rec, key=key, target=target)
+    _, (rec, rewards, done) = jax.lax.scan(step, (state0, obs0, latched0), steps)
+    return as_episode(rec, rewards, done, key, target)
+
+
+def as_episode(
+    rec: StepRecord, rewards: jax.Array, done: jax.Array, key: jax.Array, target: Target
+) -> Episode:
+    """The ``Episode`` of stacked step records [T, ...] and the env's rewards and done."""
+    return Episode(
+        obs_true=rec.obs_true,
+        obs_perceived=rec.obs_perceived,
+        actions=rec.actions,
+        clean_actions=rec.clean_actions,
+        critic_actions=rec.critic_actions,
+        rewards=rewards,
+        avail=rec.avail,
+        done=done,
+        active=rec.active,
+        key=key,
+        target=target,
+    )
 
 
 def episode_length(done: jax.Array) -> jax.Array:
@@ -187,6 +248,55 @@ def make_rollout(
         return batched(actor_params, critic_params, keys, targets)
 
     return rollout
+
+
+# ------------------------------------------------------------- Python-stepped envs
+def make_player(
+    env: Any, team: Team, attack: Attack
+) -> Callable[[Params, Params | None, jax.Array, Target], Episode]:
+    """``play(actor_params, critic_params, key [2], target []) -> Episode`` (numpy, one
+    episode) for an env stepped from Python, such as the real StarCraft II game
+    (``envs.sc2.Sc2Env``), which cannot be traced.
+
+    Each step runs ``attacked_step`` — the very function ``_episode`` scans — jitted once;
+    ``env.reset``/``env.step`` get the same key streams as in ``_episode``. After the
+    env's ``done`` it is not stepped again: the remaining steps record what a frozen SMAX
+    battle records in the scan (the last observation and masks, zero reward, done), so
+    the episode has T steps either way and ``valid`` marks the same steps.
+    """
+    spec = env.spec
+    start = jax.jit(partial(start_attack, attack, spec))
+    step = jax.jit(partial(attacked_step, team, attack))
+    no_reward = np.zeros(spec.num_agents, np.float32)
+
+    def play(actor_params, critic_params, key, target):
+        check_params(attack, team, critic_params)
+        keys = streams(key)
+        obs, state = env.reset(keys.reset)
+        attacker, latched = start(actor_params, key, target)
+        records, rewards, dones = [], [], []
+        done = False
+        # The project's one Python loop over steps: the game steps itself, a few
+        # milliseconds per step, far slower than this loop's dispatch.
+        for t in range(spec.episode_length):
+            avail = env.avail_actions(state)
+            t32 = np.int32(t)
+            actions, latched, rec = step(
+                actor_params, critic_params, attacker, obs, avail, latched, t32
+            )
+            reward = no_reward
+            if not done:
+                obs, state, reward, done, _ = env.step(
+                    jax.random.fold_in(keys.env, t32), state, actions
+                )
+                done = bool(done)
+            records.append(rec)
+            rewards.append(np.asarray(reward, np.float32))
+            dones.append(done)
+        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *records)
+        return as_episode(stacked, np.stack(rewards), np.asarray(dones), np.asarray(key), target)
+
+    return play
 
 
 # ------------------------------------------------------------------- replay & cf
