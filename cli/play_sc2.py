@@ -1,4 +1,7 @@
-"""``forensics sc2-evaluate RUN_DIR --map 3s_vs_3z``: a SMAX-trained policy in the real game.
+"""``forensics sc2-evaluate`` and ``forensics sc2-rollout``: a SMAX-trained policy in the real game.
+
+``sc2-rollout`` records clean or attacked game episodes into an episode store
+(``cli.recording.record_stepped``; see its ``--help``). ``sc2-evaluate``:
 
 Plays greedy episodes of the run's newest checkpoint in StarCraft II (``envs.sc2.Sc2Env``:
 SMAX-layout observations and availability masks from the game's raw units, SMAX actions
@@ -30,6 +33,23 @@ def check_run_matches(env_config: dict[str, Any], map_name: str, run_dir: Path) 
         )
 
 
+def game_of(policy: Any, map_name: str, sc2path: str | None, difficulty: str, seed: int) -> Any:
+    """The real game (``envs.sc2.Sc2Env``) for a SMAX run of ``map_name``: its agents and
+    step limit, SC2's built-in AI at ``difficulty``, launched with ``seed``."""
+    from envs.sc2 import Sc2Env
+
+    env_config = policy.config["env"]
+    check_run_matches(env_config, map_name, policy.run_dir)
+    return Sc2Env(
+        env_config["num_agents"],
+        map_name=map_name,
+        max_steps=env_config.get("max_steps"),
+        sc2path=sc2path,
+        difficulty=difficulty,
+        seed=seed,
+    )
+
+
 def evaluate_in_sc2(
     run_dir: Path,
     map_name: str,
@@ -44,21 +64,12 @@ def evaluate_in_sc2(
 
     from agents import checkpoint
     from agents.evaluate import mean_ci
-    from envs.sc2 import Sc2Env, check_install
+    from envs.sc2 import check_install
     from forensics.store import atomic_write, current_code_version
 
     check_install(sc2path, map_name)
     policy = checkpoint.load_policy(run_dir)
-    env_config = policy.config["env"]
-    check_run_matches(env_config, map_name, run_dir)
-    env = Sc2Env(
-        env_config["num_agents"],
-        map_name=map_name,
-        max_steps=env_config.get("max_steps"),
-        sc2path=sc2path,
-        difficulty=difficulty,
-        seed=seed,
-    )
+    env = game_of(policy, map_name, sc2path, difficulty, seed)
     act = jax.jit(checkpoint.greedy_act_fn(policy))
     won, returns, lengths = [], [], []
     try:
@@ -139,5 +150,159 @@ def sc2_evaluate(
     typer.echo(f"Wrote {run_dir / SC2_EVALUATION_FILE}")
 
 
+ROLLOUT_HELP = """Record clean or attacked episodes of a SMAX-trained run in the real StarCraft II
+game into an episode store that `forensics diagnose` and `forensics evaluate` read as they
+read a `forensics rollout` store.
+
+Loads the newest checkpoint of RUN_DIR (a SMAX run of the same map), launches the game
+once (`--game-seed`, against SC2's built-in AI at `--difficulty`) and, per seed s, plays
+the clean greedy episode, then the attack's protocol: each ordered pair (victim i,
+observed j) selected by `attack.victim` — the default `all` cycles the victim over every
+agent — with its onset drawn uniformly from [0, L − window], L the clean episode's played
+length (`attack.start=uniform`; the high/low-influence onsets of `forensics rollout` need
+the critic geometry of a replayed clean episode, which the game cannot give). Each seed is
+committed to the store as soon as it is played; re-running the command resumes.
+
+With `--clean` it records only the clean episodes: the calibration store of `diagnose`
+(use seeds disjoint from the attacked store's). Episodes that end before T are padded as
+SMAX's are (last observation and masks, zero reward, `valid` false), and the legal actions
+are recorded (`avail`).
+
+Not replayable: the game's randomness is not a function of the recorded key, so a game
+episode cannot be re-simulated, and a seed's attacked episodes are not the counterfactuals
+of its clean one; each is stored under its own `replay_key`, so `forensics evaluate`
+leaves the counterfactual columns (Q-drop, reward drop, divergence) empty rather than
+pairing unrelated episodes. The store's sessions say `rollout.played_in: sc2`; appending
+SMAX (`forensics rollout`) episodes to it, or game episodes to a SMAX store, is refused.
+
+Arguments after RUN_DIR are attack overrides as for `forensics rollout` (default
+`attack=worst_action`). Needs a local game (SC2PATH), the SMAC map in
+`$SC2PATH/Maps/SMAC_Maps/` and `pip install -e '.[sc2]'`; each one missing is a one-line
+error with exit status 2.
+
+Examples:
+
+* `forensics sc2-rollout runs/smax_3s_vs_3z-maddpg-seed0 --map 3s_vs_3z -o stores/sc2-worst
+  --seeds 0:20 attack=worst_action`
+* `forensics sc2-rollout runs/smax_3s_vs_3z-maddpg-seed0 --map 3s_vs_3z -o stores/sc2-clean
+  --seeds 1000:1100 --clean`
+* `forensics diagnose stores/sc2-worst -c stores/sc2-clean`
+"""
+
+
+def sc2_rollout(
+    ctx: typer.Context,
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="A run directory of a SMAX policy (`forensics train env=smax_…`)."),
+    ],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Hydra overrides of the attack (key=value).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Episode store directory (created or resumed).")
+    ] = ...,
+    map_name: Annotated[
+        str, typer.Option("--map", help="SMAC map; the run must be SMAX's same map.")
+    ] = "3s_vs_3z",
+    seeds: Annotated[
+        str,
+        typer.Option(
+            help="Seeds: START:STOP (half-open), N, or a comma list; per seed one clean "
+            "episode plus the attacked ones."
+        ),
+    ] = "0:20",
+    clean: Annotated[
+        bool, typer.Option("--clean", help="Clean episodes only (attack=none): calibration.")
+    ] = False,
+    sc2path: Annotated[
+        str | None,
+        typer.Option(help="StarCraft II folder (default: $SC2PATH, else ~/StarCraftII)."),
+    ] = None,
+    game_seed: Annotated[int, typer.Option(help="The game's random seed (set at launch).")] = 0,
+    difficulty: Annotated[
+        str, typer.Option(help="Built-in AI difficulty (sc2api Difficulty name; SMAC: VeryHard).")
+    ] = "VeryHard",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    from hydra.errors import HydraException
+    from rich.console import Console
+
+    from agents import checkpoint
+    from agents.attacks import Attack
+    from cli import enable_compilation_cache, invocation, one_line, progress_bar, recording
+    from envs.sc2 import Sc2InstallError, check_install
+
+    console = Console(soft_wrap=True)
+    enable_compilation_cache()
+    env = None
+    try:
+        check_install(sc2path, map_name)
+        seed_list = recording.parse_seeds(seeds)
+        overrides = list(overrides or [])
+        if clean and overrides:
+            raise ValueError(f"--clean records clean episodes; drop the overrides {overrides}")
+        policy = checkpoint.load_policy(run_dir)
+        config = recording.rollout_config(["attack=none"] if clean else overrides,
+                                          policy.config, run_dir)  # fmt: skip
+        config["attack"] = recording.stepped_attack_config(config["attack"], overrides)
+        attack = Attack.from_config(config["attack"])
+        per_seed = recording.episodes_per_seed(attack, policy.env.spec.num_agents)
+        env = game_of(policy, map_name, sc2path, difficulty, game_seed)
+        session = {
+            "command": invocation(ctx),
+            "run_dir": str(run_dir.resolve()),
+            "checkpoint_env_steps": policy.env_steps,
+            "seeds": seeds,
+            "map_name": map_name,
+            "difficulty": difficulty,
+            "game_seed": game_seed,
+        }
+        with progress_bar(console, progress, "episodes") as bar:
+            task = bar.add_task("sc2-rollout", total=len(seed_list) * per_seed)
+            result = recording.record_stepped(
+                out, policy, env, config, seed_list,
+                on_seed=lambda n: bar.advance(task, n), session=session,
+            )  # fmt: skip
+    except Sc2InstallError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except (HydraException, ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {one_line(err)}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: the seeds committed to {out} are kept; re-run the same command "
+            "to resume",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    finally:
+        if env is not None:
+            env.close()
+    report_stepped(console, out, result, per_seed)
+
+
+def report_stepped(console: Any, out: Path, result: Any, per_seed: int) -> None:
+    """One line of what was recorded, and the attacks that never ran."""
+    done = result.recorded
+    if not done.seeds_recorded:
+        console.print(f"Nothing to record: all {done.seeds_skipped} seeds are in {out} already")
+        return
+    console.print(
+        f"Recorded {done.episodes:,} episodes ({done.seeds_recorded} seeds × {per_seed}) in "
+        f"{done.compute_s + done.write_s:.1f} s into {out}"
+        + (f" (resumed: {done.seeds_skipped} seeds were there)" if done.seeds_skipped else "")
+    )
+    if result.late_onsets:
+        console.print(
+            f"{result.late_onsets} attacked episodes ended before their onset (drawn from "
+            "the seed's clean episode): the attack never ran in them"
+        )
+
+
 def register(app: typer.Typer) -> None:
     app.command("sc2-evaluate")(sc2_evaluate)
+    app.command(
+        "sc2-rollout", help=ROLLOUT_HELP, context_settings={"ignore_unknown_options": True}
+    )(sc2_rollout)

@@ -19,6 +19,7 @@ in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +45,9 @@ INFLUENCE = {"high_influence": "high", "low_influence": "low", "uniform": "unifo
 ROLLOUT_SECTIONS = ("attack", *checkpoint.BOUND_SECTIONS)
 MAX_SEED = 2**31  # PRNGKey(seed) takes an int32
 DEFAULT_ATTACK = "worst_action"  # the paper's paired protocol, unless attack= says otherwise
+# Session key naming the Python-stepped env a store's episodes were played in (absent:
+# jitted episodes, replayable from their keys).
+PLAYED_IN = "played_in"
 
 ProtocolFn = Callable[[Params, Params | None, np.ndarray], R.ProtocolChunk]
 
@@ -212,15 +216,26 @@ def store_batch(chunk: R.ProtocolChunk, attack: Attack) -> dict[str, np.ndarray]
 
 
 # ------------------------------------------------------------------------ the store
-def committed_seeds(out: Path, attack_cfg: Mapping[str, Any]) -> set[int]:
+def committed_seeds(
+    out: Path, attack_cfg: Mapping[str, Any], played_in: str | None = None
+) -> set[int]:
     """Seeds already in the store at ``out`` (none if it does not exist yet).
 
-    A store holds one attack: a store recorded with another attack config is refused
-    (StoreError, nothing written).
+    A store holds one attack, and episodes of one kind: jitted, replayable ones
+    (``played_in`` None) or ones played in a Python-stepped env (``played_in`` its name,
+    e.g. the real game). A store recorded with another attack config or another kind is
+    refused (StoreError, nothing written).
     """
     if not (out / "meta.json").is_file():
         return set()
     store = st.open_store(out)
+    had = store.meta.config.get("rollout", {}).get(PLAYED_IN)
+    if store.meta.sessions and had != played_in:
+        kind = lambda name: f"played in {name}" if name else "jitted (replayable)"
+        raise st.StoreError(
+            f"store {out}: holds episodes {kind(had)}, this command records episodes "
+            f"{kind(played_in)}; refusing to append (nothing written; use another --out)"
+        )
     recorded = store.meta.config.get("attack")
     if recorded is not None and dict(recorded) != dict(attack_cfg):
         keys = ["name", *sorted((set(recorded) | set(attack_cfg)) - {"name"})]
@@ -344,3 +359,134 @@ def save_efficacy(store: st.EpisodeStore, table: pd.DataFrame) -> Path:
             "attack": store.meta.config.get("attack"),
         },
     )
+
+
+# ------------------------------------------------------------- Python-stepped envs
+def stepped_attack_config(attack_cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict:
+    """The attack section for an env that cannot be replayed (the real game): onsets
+    ``uniform`` (high/low influence need the critic geometry of a replayed clean episode).
+    An explicit ``attack.start`` other than uniform is a ConfigError."""
+    cfg = dict(attack_cfg)
+    if cfg.get("name") == "none":
+        return cfg
+    given = [o for o in overrides if o.split("=")[0].lstrip("+~") == "attack.start"]
+    if given and list(np.atleast_1d(cfg["start"])) != ["uniform"]:
+        raise ConfigError(
+            f"{given[-1]}: an env stepped from Python cannot replay the clean episode that "
+            "high/low-influence onsets are read from; use attack.start=uniform (the default here)"
+        )
+    return {**cfg, "start": ["uniform"]}
+
+
+def check_stepped_env(env: Any, spec: Any, run_dir: Path) -> None:
+    """The env has the checkpoint env's shapes (every ``EnvSpec`` field but the name)."""
+    for key, value in dataclasses.asdict(spec).items():
+        got = getattr(env.spec, key)
+        if key != "name" and got != value:
+            raise ConfigError(
+                f"env {env.spec.name}: {key} is {got!r}, the checkpoint in {run_dir} "
+                f"({spec.name}) has {value!r}"
+            )
+
+
+def make_stepped_seed_fn(
+    env: Any, team: Team, attack: Attack
+) -> Callable[[Params, Params | None, int], R.ProtocolChunk]:
+    """``fn(actor_params, critic_params, seed) -> ProtocolChunk`` of one seed (S = 1) played
+    in a Python-stepped env (``agents.rollout.make_player``).
+
+    The seed's clean episode is played first, from key k = PRNGKey(seed); the attack's
+    protocol targets (``attacks.protocol_targets`` with uniform onsets, drawn from k's
+    protocol stream) take their onsets from [0, L − window], L the clean episode's played
+    length, as ``forensics rollout`` does. Attacked episode m (1-based) is played from
+    its own key fold_in(k, m): a game is not replayed by its key, so no attacked episode
+    shares a replay key with the clean one, and nothing pairs them as counterfactuals
+    (``forensics evaluate`` reports those columns as missing).
+    """
+    spec = env.spec
+    play = R.make_player(env, team, attack)
+    targets_of = jax.jit(
+        lambda length, key: attacks.protocol_targets(
+            attack, spec.num_agents, length, R.streams(key).protocol, None, None
+        )
+    )
+    stack = lambda eps: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *eps)
+
+    def one_seed(actor_params, critic_params, seed):
+        key = R.seed_keys(np.asarray([seed]))[0]
+        clean = play(actor_params, critic_params, key, attacks.clean_target())
+        if attack.name == "none":
+            empty = jax.tree_util.tree_map(
+                lambda x: np.zeros((1, 0, *np.shape(x)), np.asarray(x).dtype), clean
+            )
+            none = np.zeros((1, 0), np.int32)
+            return R.ProtocolChunk(np.asarray([seed]), stack([clean]), empty, none, none > 0)
+        targets, cls, fell = targets_of(R.episode_length(jnp.asarray(clean.done)), key)
+        attacked = [
+            play(
+                actor_params,
+                critic_params,
+                jax.random.fold_in(key, m + 1),
+                jax.tree_util.tree_map(lambda x, m=m: x[m], targets),
+            )
+            for m in range(len(cls))
+        ]
+        return R.ProtocolChunk(
+            np.asarray([seed]), stack([clean]), stack([stack(attacked)]), cls[None], fell[None]
+        )
+
+    return one_seed
+
+
+class SteppedRecorded(NamedTuple):
+    """What one ``record_stepped`` call did."""
+
+    recorded: Recorded
+    late_onsets: int  # attacked episodes whose onset came after their episode ended
+
+
+def record_stepped(
+    out: Path,
+    policy: checkpoint.Policy,
+    env: Any,
+    config: Mapping[str, Any],
+    seeds: np.ndarray,
+    on_seed: Callable[[int], None] | None = None,
+    session: Mapping[str, Any] | None = None,
+) -> SteppedRecorded:
+    """``record`` for an env stepped from Python (the real game): one seed at a time, each
+    committed to the store as soon as it is played (``make_stepped_seed_fn``).
+
+    The store is the one ``forensics rollout`` writes (same columns, ids, ground truth,
+    checkpoint identity and the checkpoint env's spec, so ``diagnose`` reads it as is);
+    its sessions record ``rollout.played_in`` = the env's name and ``replayable`` false.
+    """
+    attack = Attack.from_config(config["attack"])
+    spec = policy.env.spec
+    check_stepped_env(env, spec, policy.run_dir)
+    per_seed = episodes_per_seed(attack, spec.num_agents)
+    team, actor_params, critic_params = team_of(policy)
+    identity = policy_identity(policy)
+    done = committed_seeds(out, config["attack"], played_in=env.spec.name)
+    todo = np.asarray([s for s in seeds.tolist() if s not in done], np.int64)
+    rollout = {**(session or {}), PLAYED_IN: env.spec.name, "replayable": False}
+    session_config = {**config, "rollout": rollout}
+    one_seed = make_stepped_seed_fn(env, team, attack)
+    report = on_seed or (lambda n: None)
+    report((len(seeds) - len(todo)) * per_seed)
+    late = 0
+    compute = write = 0.0
+    with st.StoreWriter(
+        out, spec, checkpoint=identity, config=session_config, seeds=todo, optional_fields=["avail"]
+    ) as w:
+        for seed in todo.tolist():
+            t0 = time.perf_counter()
+            chunk = one_seed(actor_params, critic_params, seed)
+            t1 = time.perf_counter()
+            w.append(store_batch(chunk, attack))
+            compute, write = compute + t1 - t0, write + time.perf_counter() - t1
+            played = np.asarray(R.episode_length(jnp.asarray(chunk.attacked.done)))
+            late += int(np.sum(np.asarray(chunk.attacked.target.start) >= played))
+            report(per_seed)
+    recorded = Recorded(len(seeds) - len(todo), len(todo), len(todo) * per_seed, 0, compute, write)
+    return SteppedRecorded(recorded, late)
