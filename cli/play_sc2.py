@@ -1,7 +1,7 @@
 """``forensics sc2-evaluate`` and ``forensics sc2-rollout``: a SMAX-trained policy in the real game.
 
 ``sc2-rollout`` records clean or attacked game episodes into an episode store
-(``cli.recording.record_stepped``; see its ``--help``). ``sc2-evaluate``:
+(``cli.recording.record`` with a ``stepped_env``; see its ``--help``). ``sc2-evaluate``:
 
 Plays greedy episodes of the run's newest checkpoint in StarCraft II (``envs.sc2.Sc2Env``:
 SMAX-layout observations and availability masks from the game's raw units, SMAX actions
@@ -260,9 +260,9 @@ def sc2_rollout(
         }
         with progress_bar(console, progress, "episodes") as bar:
             task = bar.add_task("sc2-rollout", total=len(seed_list) * per_seed)
-            result = recording.record_stepped(
-                out, policy, env, config, seed_list,
-                on_seed=lambda n: bar.advance(task, n), session=session,
+            done = recording.record(
+                out, policy, config, seed_list, chunk_seeds=1,
+                on_chunk=lambda n: bar.advance(task, n), session=session, stepped_env=env,
             )  # fmt: skip
     except Sc2InstallError as err:
         typer.echo(f"error: {err}", err=True)
@@ -280,12 +280,11 @@ def sc2_rollout(
     finally:
         if env is not None:
             env.close()
-    report_stepped(console, out, result, per_seed)
+    report_stepped(console, out, done, per_seed)
 
 
-def report_stepped(console: Any, out: Path, result: Any, per_seed: int) -> None:
-    """One line of what was recorded, and the attacks that never ran."""
-    done = result.recorded
+def report_stepped(console: Any, out: Path, done: Any, per_seed: int) -> None:
+    """One line of what was recorded (``recording.Recorded``), and the attacks that never ran."""
     if not done.seeds_recorded:
         console.print(f"Nothing to record: all {done.seeds_skipped} seeds are in {out} already")
         return
@@ -294,9 +293,9 @@ def report_stepped(console: Any, out: Path, result: Any, per_seed: int) -> None:
         f"{done.compute_s + done.write_s:.1f} s into {out}"
         + (f" (resumed: {done.seeds_skipped} seeds were there)" if done.seeds_skipped else "")
     )
-    if result.late_onsets:
+    if done.late_onsets:
         console.print(
-            f"{result.late_onsets} attacked episodes ended before their onset (drawn from "
+            f"{done.late_onsets} attacked episodes ended before their onset (drawn from "
             "the seed's clean episode): the attack never ran in them"
         )
 

@@ -257,6 +257,7 @@ class Recorded(NamedTuple):
     fell_back: int  # influence onsets chosen by the no-qualifying-step fallback
     compute_s: float  # rollouts (the first chunk includes compilation)
     write_s: float  # validation, encoding and durable commits
+    late_onsets: int  # attacked episodes that ended before their onset (stepped envs only)
 
 
 def record(
@@ -267,30 +268,45 @@ def record(
     chunk_seeds: int,
     on_chunk: Callable[[int], None] | None = None,
     session: Mapping[str, Any] | None = None,
+    stepped_env: Any | None = None,
 ) -> Recorded:
     """Record ``seeds`` of ``config['attack']`` into the store at ``out`` (resuming it).
 
     ``on_chunk(n)`` reports progress: n more of the requested episodes are in the store
     (once up front for seeds already recorded, then after every committed chunk).
     ``session`` is recorded in the store session's config under ``rollout``.
+
+    ``stepped_env``: play in this env stepped from Python (the real game, with the
+    checkpoint env's shapes) instead of the checkpoint's jitted env, one seed per chunk
+    (``make_stepped_seed_fn``). The store is the same (columns, ids, ground truth,
+    checkpoint identity, the checkpoint env's spec), so ``diagnose`` reads it as is; its
+    sessions record ``rollout.played_in`` = the env's name and ``replayable`` false.
     """
     attack = Attack.from_config(config["attack"])
     spec = policy.env.spec
     per_seed = episodes_per_seed(attack, spec.num_agents)
     team, actor_params, critic_params = team_of(policy)
     identity = policy_identity(policy)
-    done = committed_seeds(out, config["attack"])
+    rollout = dict(session or {})
+    if stepped_env is not None:
+        check_stepped_env(stepped_env, spec, policy.run_dir)
+        rollout.update({PLAYED_IN: stepped_env.spec.name, "replayable": False})
+    done = committed_seeds(out, config["attack"], rollout.get(PLAYED_IN))
     todo = np.asarray([s for s in seeds.tolist() if s not in done], np.int64)
-    session_config = {**config, "rollout": dict(session or {})}
-    fn = make_chunk_fn(policy.env, team, attack)
+    session_config = {**config, "rollout": rollout}
+    if stepped_env is None:
+        fn = make_chunk_fn(policy.env, team, attack)
+        chunks = R.iter_protocol(fn, actor_params, critic_params, todo, chunk_seeds)
+    else:
+        one_seed = make_stepped_seed_fn(stepped_env, team, attack)
+        chunks = (one_seed(actor_params, critic_params, s) for s in todo.tolist())
     report = on_chunk or (lambda n: None)
     report((len(seeds) - len(todo)) * per_seed)
-    fell = 0
+    fell = late = 0
     compute = write = 0.0
     with st.StoreWriter(
         out, spec, checkpoint=identity, config=session_config, seeds=todo, optional_fields=["avail"]
     ) as w:
-        chunks = R.iter_protocol(fn, actor_params, critic_params, todo, chunk_seeds)
         while True:
             t0 = time.perf_counter()
             chunk = next(chunks, None)
@@ -301,8 +317,11 @@ def record(
             w.append(store_batch(chunk, attack))
             compute, write = compute + t1 - t0, write + time.perf_counter() - t1
             fell += int(np.sum(chunk.fell_back))
+            played = R.episode_length(jnp.asarray(chunk.attacked.done))
+            late += int(np.sum(np.asarray(chunk.attacked.target.start) >= np.asarray(played)))
             report(len(chunk.seeds) * per_seed)
-    return Recorded(len(seeds) - len(todo), len(todo), len(todo) * per_seed, fell, compute, write)
+    recorded = len(seeds) - len(todo), len(todo), len(todo) * per_seed
+    return Recorded(*recorded, fell, compute, write, late)
 
 
 # ------------------------------------------------------------------------ efficacy
@@ -436,57 +455,3 @@ def make_stepped_seed_fn(
         )
 
     return one_seed
-
-
-class SteppedRecorded(NamedTuple):
-    """What one ``record_stepped`` call did."""
-
-    recorded: Recorded
-    late_onsets: int  # attacked episodes whose onset came after their episode ended
-
-
-def record_stepped(
-    out: Path,
-    policy: checkpoint.Policy,
-    env: Any,
-    config: Mapping[str, Any],
-    seeds: np.ndarray,
-    on_seed: Callable[[int], None] | None = None,
-    session: Mapping[str, Any] | None = None,
-) -> SteppedRecorded:
-    """``record`` for an env stepped from Python (the real game): one seed at a time, each
-    committed to the store as soon as it is played (``make_stepped_seed_fn``).
-
-    The store is the one ``forensics rollout`` writes (same columns, ids, ground truth,
-    checkpoint identity and the checkpoint env's spec, so ``diagnose`` reads it as is);
-    its sessions record ``rollout.played_in`` = the env's name and ``replayable`` false.
-    """
-    attack = Attack.from_config(config["attack"])
-    spec = policy.env.spec
-    check_stepped_env(env, spec, policy.run_dir)
-    per_seed = episodes_per_seed(attack, spec.num_agents)
-    team, actor_params, critic_params = team_of(policy)
-    identity = policy_identity(policy)
-    done = committed_seeds(out, config["attack"], played_in=env.spec.name)
-    todo = np.asarray([s for s in seeds.tolist() if s not in done], np.int64)
-    rollout = {**(session or {}), PLAYED_IN: env.spec.name, "replayable": False}
-    session_config = {**config, "rollout": rollout}
-    one_seed = make_stepped_seed_fn(env, team, attack)
-    report = on_seed or (lambda n: None)
-    report((len(seeds) - len(todo)) * per_seed)
-    late = 0
-    compute = write = 0.0
-    with st.StoreWriter(
-        out, spec, checkpoint=identity, config=session_config, seeds=todo, optional_fields=["avail"]
-    ) as w:
-        for seed in todo.tolist():
-            t0 = time.perf_counter()
-            chunk = one_seed(actor_params, critic_params, seed)
-            t1 = time.perf_counter()
-            w.append(store_batch(chunk, attack))
-            compute, write = compute + t1 - t0, write + time.perf_counter() - t1
-            played = np.asarray(R.episode_length(jnp.asarray(chunk.attacked.done)))
-            late += int(np.sum(np.asarray(chunk.attacked.target.start) >= played))
-            report(per_seed)
-    recorded = Recorded(len(seeds) - len(todo), len(todo), len(todo) * per_seed, 0, compute, write)
-    return SteppedRecorded(recorded, late)

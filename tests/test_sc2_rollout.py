@@ -1,7 +1,7 @@
 """``forensics sc2-rollout``'s recorder without the game: SMAX stepped from Python through the
 very code path the real game takes (``agents.rollout.make_player`` inside
-``cli.recording.record_stepped``) must record what the jitted rollout records, into a store
-that ``forensics diagnose`` reads unchanged."""
+``cli.recording.record`` with a ``stepped_env``) must record what the jitted rollout
+records, into a store that ``forensics diagnose`` reads unchanged."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def recorded(tmp_path_factory):
     ]:
         config = recording.rollout_config(overrides, policy.config, run_dir)
         config["attack"] = recording.stepped_attack_config(config["attack"], overrides)
-        done = recording.record_stepped(root / name, policy, env, config, seeds)
+        done = recording.record(root / name, policy, config, seeds, 1, stepped_env=env)
         stores[name] = (root / name, done)
     return run_dir, policy, stores
 
@@ -97,7 +97,7 @@ def test_store_ground_truth_onsets_keys_and_sessions(recorded):
     gt = store.ground_truth()
     n = policy.env.spec.num_agents
     per_seed = 1 + n * (n - 1)
-    assert done.recorded.episodes == len(gt) == len(ATTACKED_SEEDS) * per_seed
+    assert done.episodes == len(gt) == len(ATTACKED_SEEDS) * per_seed
     hit = gt[~gt["clean"]]
     assert set(hit["influence"]) == {"uniform"} and set(gt[gt["clean"]]["influence"]) == {"none"}
     assert sorted(set(hit["victim"])) == list(range(n))  # victims cycle over every agent
@@ -128,13 +128,13 @@ def test_diagnose_and_evaluate_read_the_stepped_stores_unchanged(recorded, tmp_p
     import pandas as pd
 
     verdicts = pd.read_parquet(out / "verdicts.parquet")
-    assert len(verdicts) == stores["attacked"][1].recorded.episodes
+    assert len(verdicts) == stores["attacked"][1].episodes
     # evaluate too; with no replayable clean partner, the counterfactual columns stay empty
     table_path = tmp_path / "t.parquet"
     result = CliRunner().invoke(app, ["evaluate", str(out), "--out", str(table_path)])
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(table_path)
-    assert table["episodes"].max() == stores["attacked"][1].recorded.episodes - 2  # 2 clean
+    assert table["episodes"].max() == stores["attacked"][1].episodes - 2  # 2 clean
     assert table["infected_recall"].isna().all() and table["p0_first_diverged"].isna().all()
 
 
