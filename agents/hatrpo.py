@@ -14,8 +14,10 @@ One iteration collects ``num_envs`` whole episodes with the current policies and
   batch.
 * **Sequential trust-region actor updates.** Draw a random permutation i_1..i_N of the
   agents. Agent i_m maximises the surrogate
-      L_m(θ) = E[ M_m · π_θ(a | o) / π_old(a | o) · Â ],   M_m = Π_{k<m} π_{i_k}^new / π_{i_k}^old
-  (the already-updated agents' probability ratios on the same samples, M_1 = 1), subject to
+      L_m(θ) = E[ M_m · π_θ(a | o) / π_old(a | o) · Â + c_H · H(π_θ(· | o)) ],
+      M_m = Π_{k<m} π_{i_k}^new / π_{i_k}^old
+  (the already-updated agents' probability ratios on the same samples, M_1 = 1; c_H is
+  ``entropy_coef``, 0 as in HARL: a bonus that keeps battle policies exploring), subject to
   E_s[KL(π_old(·|o) ‖ π_θ(·|o))] ≤ δ (``kl_threshold``). One TRPO step: g = ∇L(θ_old);
   x ≈ F⁻¹ g by ``cg_iters`` conjugate-gradient iterations on Fisher-vector products
   (F + damping·I) v = Jᵀ F_d J v + damping·v (J the Jacobian of the distribution
@@ -80,6 +82,7 @@ class HatrpoConfig:
     gamma: float = 0.99
     gae_lambda: float = 0.95
     kl_threshold: float = 0.01  # δ, the trust region radius in mean KL
+    entropy_coef: float = 0.0  # c_H: entropy bonus in the surrogate (HARL's HATRPO has none)
     ls_step: int = 10  # line-search candidates
     accept_ratio: float = 0.5  # required share of the linearly predicted improvement
     backtrack_coeff: float = 0.8  # c: step fraction shrink per line-search candidate
@@ -112,6 +115,7 @@ class HatrpoConfig:
             ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
             ("gae_lambda", 0 <= self.gae_lambda <= 1, "in [0, 1]"),
             ("kl_threshold", self.kl_threshold > 0, "> 0"),
+            ("entropy_coef", self.entropy_coef >= 0, ">= 0"),
             ("ls_step", self.ls_step >= 1, ">= 1"),
             ("accept_ratio", 0 <= self.accept_ratio < 1, "in [0, 1)"),
             ("backtrack_coeff", 0 < self.backtrack_coeff < 1, "in (0, 1)"),
@@ -398,7 +402,7 @@ class AgentBatch(NamedTuple):
 def trust_region_step(
     head: PolicyHead, cfg: HatrpoConfig, theta: Params, batch: AgentBatch
 ) -> tuple[Params, jax.Array, StepInfo]:
-    """One agent's TRPO step on L(θ) = Σ_b w_b M_b (π_θ/π_old)(a_b|o_b) Â_b.
+    """One agent's TRPO step on L(θ) = Σ_b w_b [M_b (π_θ/π_old)(a_b|o_b) Â_b + c_H H(π_θ(·|o_b))].
 
     Returns (θ_new, π_new/π_old on the batch [B], StepInfo); the math is in the module docstring.
     """
@@ -411,7 +415,10 @@ def trust_region_step(
     def surrogate_and_logp(flat):
         d = f(flat)
         logp = head.dist.log_prob(d, batch.action)
-        return jnp.sum(coef * jnp.exp(logp - logp_old)), (d, logp)
+        surrogate = jnp.sum(coef * jnp.exp(logp - logp_old))
+        if cfg.entropy_coef:  # a Python branch: the default (0) traces no entropy term
+            surrogate += cfg.entropy_coef * jnp.sum(batch.weight * head.dist.entropy(d))
+        return surrogate, (d, logp)
 
     (surrogate_old, _), grad = jax.value_and_grad(surrogate_and_logp, has_aux=True)(flat_old)
     fvp = fisher_vector_product(f, head.dist.fisher, batch.weight, flat_old, cfg.cg_damping)

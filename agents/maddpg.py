@@ -30,7 +30,9 @@ Continuous actions: the actor is deterministic and sigmoid-squashed into the act
 exploration adds Gaussian noise of std ``exploration_noise``·(high − low), clipped to the box.
 
 One iteration collects ``num_envs`` whole episodes in parallel (vmap over envs, ``lax.scan``
-over steps) into the replay buffer, then runs ``updates_per_iteration`` gradient updates
+over steps) into the replay buffer (only real steps: a battle that ends before the step
+limit is padded to it by the scan, and the padding would otherwise fill 2-4x more slots
+than the battle itself), then runs ``updates_per_iteration`` gradient updates
 (``lax.scan``); ``train_chunk`` scans ``iterations_per_chunk`` iterations in one jitted call.
 With several devices the parallel envs are split across them (``agents.sharding``); the
 learner and the replay buffer are replicated.
@@ -192,7 +194,6 @@ class Transition(NamedTuple):
     reward: jax.Array  # [N]
     next_obs: jax.Array  # [N, O]
     terminal: jax.Array  # [] 1.0 if the episode truly ended here (no bootstrap)
-    valid: jax.Array  # [] 0.0 for steps after the episode ended (collection runs T steps)
     avail: jax.Array  # [N, A] bool, legal actions at obs (all True for unmasked envs)
     next_avail: jax.Array  # [N, A] bool, legal actions at next_obs
 
@@ -295,9 +296,6 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
 
     def update(learner: Learner, batch: Transition, key: jax.Array):
         """One critic step, then one actor step against the updated critics, then Polyak."""
-        valid = batch.valid[:, None]
-        count = jnp.maximum(jnp.sum(batch.valid), 1.0)
-
         next_out = apply_actors(actor, learner.target_actor_params, batch.next_obs)
         if spec.discrete:
             next_greedy = jnp.argmax(mask_logits(next_out, batch.next_avail), -1)
@@ -307,7 +305,7 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
 
         def critic_loss(params):
             q = critic_values(critic, params, batch.obs, batch.action)
-            return jnp.sum(valid * (q - target) ** 2) / count, q
+            return jnp.mean(jnp.sum((q - target) ** 2, axis=1)), q
 
         (c_loss, q), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(learner.critic_params)
         c_updates, critic_opt_state = critic_tx.update(
@@ -326,7 +324,7 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
             # Critic i sees agent i's fresh action and the buffer's actions for the others.
             joint = jnp.where(agent_mask, own[None], batch.action[None])  # [N, B, N, A]
             q_own = critic_values(critic, critic_params, batch.obs, joint)  # [B, N]
-            pg = -jnp.sum(valid * q_own) / count
+            pg = -jnp.mean(jnp.sum(q_own, axis=1))
             return pg + reg, pg
 
         (_, pg), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(learner.actor_params)
@@ -350,7 +348,7 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
         metrics = {
             "critic_loss": c_loss / n,
             "actor_loss": pg / n,
-            "q_mean": jnp.sum(valid * q) / (count * n),
+            "q_mean": jnp.mean(q),
         }
         return learner, metrics
 
@@ -388,9 +386,7 @@ def make_trainer(
         obs = jnp.zeros((n, spec.obs_dim), jnp.float32)
         act = jnp.zeros((n, spec.action_dim), jnp.float32)
         legal = jnp.ones((n, spec.action_dim), bool)
-        example = Transition(
-            obs, act, jnp.zeros(n), obs, jnp.float32(0), jnp.float32(0), legal, legal
-        )
+        example = Transition(obs, act, jnp.zeros(n), obs, jnp.float32(0), legal, legal)
         return TrainState(
             learner=init_learner(spec, cfg, k_learner),
             buffer=replay.init(example, cfg.buffer_size),
@@ -400,7 +396,8 @@ def make_trainer(
         )
 
     def collect(actor_params: Params, key: jax.Array):
-        """E whole episodes: transitions [T, E, ...] and per-agent returns [E, N]."""
+        """E whole episodes: transitions [T, E, ...], which of them are real steps [T, E]
+        (not the padding after an episode ended before T) and per-agent returns [E, N]."""
         k_reset, k_steps = jax.random.split(key)
         obs, env_state = jax.vmap(env.reset)(shard_envs(jax.random.split(k_reset, E)))
         legal = jax.vmap(env.avail_actions)
@@ -416,14 +413,13 @@ def make_trainer(
             next_avail = legal(env_state)
             # A done on the last step is the time limit, not a terminal state.
             terminal = (done & (t < T - 1)).astype(jnp.float32)
-            valid = alive.astype(jnp.float32)
-            tr = Transition(obs, encoded, reward, next_obs, terminal, valid, avail, next_avail)
-            return shard_envs((next_obs, env_state, next_avail, alive & ~done)), tr
+            tr = Transition(obs, encoded, reward, next_obs, terminal, avail, next_avail)
+            return shard_envs((next_obs, env_state, next_avail, alive & ~done)), (tr, alive)
 
         carry = shard_envs((obs, env_state, legal(env_state), jnp.ones((E,), bool)))
-        _, traj = jax.lax.scan(step, carry, (jax.random.split(k_steps, T), jnp.arange(T)))
-        returns = jnp.sum(traj.reward * traj.valid[..., None], axis=0)
-        return traj, returns
+        _, (traj, real) = jax.lax.scan(step, carry, (jax.random.split(k_steps, T), jnp.arange(T)))
+        returns = jnp.sum(traj.reward * real[..., None], axis=0)
+        return traj, real, returns
 
     def learn(learner: Learner, buffer: replay.ReplayBuffer, key: jax.Array):
         """``updates_per_iteration`` updates on fresh uniform batches; mean metrics."""
@@ -440,9 +436,9 @@ def make_trainer(
 
     def iteration(state: TrainState, _):
         key, k_collect, k_learn = jax.random.split(state.key, 3)
-        traj, returns = collect(state.learner.actor_params, k_collect)
+        traj, real, returns = collect(state.learner.actor_params, k_collect)
         flat = jax.tree_util.tree_map(lambda x: x.reshape(T * E, *x.shape[2:]), traj)
-        buffer = replay.add(state.buffer, flat)
+        buffer = replay.add(state.buffer, flat, real.reshape(T * E))
         ready = buffer.size >= ready_size
 
         def skip(learner, buffer, key):

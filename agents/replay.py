@@ -2,9 +2,11 @@
 
 Every leaf of ``data`` has a leading axis of size ``capacity``. ``add`` writes a batch
 of B transitions at slots ``(pos + k) mod capacity`` for k = 0..B-1 (overwriting the
-oldest once full); ``sample`` draws indices uniformly from the ``size`` filled slots,
-with replacement. The buffer is itself a pytree, so it lives inside a train state,
-crosses ``jit``/``lax.scan`` boundaries and is checkpointed with everything else.
+oldest once full), or only the rows a ``keep`` mask selects, packed in order (padding
+steps of finished episodes never take a slot); ``sample`` draws indices uniformly from
+the ``size`` filled slots, with replacement. The buffer is itself a pytree, so it lives
+inside a train state, crosses ``jit``/``lax.scan`` boundaries and is checkpointed with
+everything else.
 """
 
 from __future__ import annotations
@@ -38,18 +40,26 @@ def init(example: Pytree, capacity: int) -> ReplayBuffer:
     return ReplayBuffer(data=data, pos=jnp.int32(0), size=jnp.int32(0))
 
 
-def add(buffer: ReplayBuffer, batch: Pytree) -> ReplayBuffer:
-    """Write a batch (leaves [B, ...], B ≤ capacity) at the ring position."""
+def add(buffer: ReplayBuffer, batch: Pytree, keep: jax.Array | None = None) -> ReplayBuffer:
+    """Write a batch (leaves [B, ...], B ≤ capacity) at the ring position; with ``keep``
+    (bool [B]) only the kept rows, in their order, at slots ``pos, pos + 1, ...``."""
     capacity = buffer.capacity
     batch_size = jax.tree_util.tree_leaves(batch)[0].shape[0]
     if batch_size > capacity:
         raise ValueError(f"replay: batch of {batch_size} exceeds capacity {capacity}")
-    idx = (buffer.pos + jnp.arange(batch_size)) % capacity
-    data = jax.tree_util.tree_map(lambda d, b: d.at[idx].set(b), buffer.data, batch)
+    if keep is None:
+        offset, count = jnp.arange(batch_size), batch_size
+    else:
+        offset = jnp.cumsum(keep) - 1  # kept row k goes to the (k+1)-th free slot
+        count = jnp.sum(keep, dtype=jnp.int32)
+    idx = (buffer.pos + offset) % capacity
+    if keep is not None:
+        idx = jnp.where(keep, idx, capacity)  # out of bounds: dropped by the scatter
+    data = jax.tree_util.tree_map(lambda d, b: d.at[idx].set(b, mode="drop"), buffer.data, batch)
     return buffer.replace(
         data=data,
-        pos=(buffer.pos + batch_size) % capacity,
-        size=jnp.minimum(buffer.size + batch_size, capacity),
+        pos=(buffer.pos + count) % capacity,
+        size=jnp.minimum(buffer.size + count, capacity),
     )
 
 

@@ -196,6 +196,29 @@ def test_trust_region_steps_never_exceed_the_kl_bound(discrete):
     np.testing.assert_allclose(kls, info.kl, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("discrete", [True, False], ids=["categorical", "gaussian"])
+def test_entropy_bonus_raises_entropy_where_the_advantage_is_silent(discrete):
+    """With Â ≡ 0 the surrogate is c_H · H alone: c_H > 0 takes a step that raises the mean
+    entropy (within the KL bound), c_H = 0 has no gradient and keeps θ."""
+
+    def step(entropy_coef):
+        head, cfg, thetas, obs, action, avail, adv, w = tiny_problem(
+            discrete, entropy_coef=entropy_coef
+        )
+        theta = agent(thetas, 0)
+        batch = agent_batch(obs, action, avail, jnp.zeros_like(adv), w)
+        new, _, info = hatrpo.trust_region_step(head, cfg, theta, batch)
+        forward = lambda th: head.forward(th, batch.obs, batch.avail)
+        entropy = lambda th: jnp.sum(w * head.dist.entropy(forward(th)))
+        return float(entropy(theta)), float(entropy(new)), info
+
+    before, after, info = step(0.1)
+    assert bool(info.accepted) and after > before + 1e-3, (before, after)
+    assert float(info.kl) <= hatrpo.HatrpoConfig().kl_threshold * (1 + 1e-5)
+    before, after, info = step(0.0)
+    assert not bool(info.accepted) and after == before
+
+
 # --------------------------------------------------------- sequential update
 def test_sequential_update_uses_the_compounded_ratio_and_order_matters():
     """Two agents, order (1, 0): agent 1 steps with M = 1, agent 0 with M = π1_new/π1_old

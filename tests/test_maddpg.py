@@ -50,6 +50,17 @@ def test_replay_wraps_around_and_keeps_the_newest():
     assert np.array_equal(buf.data["x"][:, 1], -buf.data["i"].astype(np.float32))
 
 
+def test_replay_packs_only_kept_rows_and_wraps():
+    buf = replay.init(jnp.int32(0), capacity=4)
+    add = jax.jit(replay.add)
+    buf = add(buf, jnp.arange(1, 4), jnp.array([True, False, True]))  # 1, 3 -> slots 0, 1
+    assert buf.data.tolist() == [1, 3, 0, 0] and int(buf.size) == 2 and int(buf.pos) == 2
+    buf = add(buf, jnp.arange(4, 8), jnp.array([True, True, False, True]))  # 4, 5, 7
+    assert buf.data.tolist() == [7, 3, 4, 5] and int(buf.size) == 4 and int(buf.pos) == 1
+    buf = add(buf, jnp.arange(8, 10), jnp.zeros(2, bool))  # nothing kept: unchanged
+    assert buf.data.tolist() == [7, 3, 4, 5] and int(buf.pos) == 1
+
+
 def test_replay_samples_only_filled_slots_uniformly():
     buf = replay.init(jnp.int32(0), capacity=100)
     buf = replay.add(buf, jnp.arange(1, 11))  # 10 of 100 slots filled, values 1..10
