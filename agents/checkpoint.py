@@ -119,13 +119,20 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
     return {prefix: tree}
 
 
+# Fields added to the bound sections after checkpoints were written without them, with the
+# value that reproduces how those checkpoints were trained: such a checkpoint still matches
+# a config that leaves the new field at that value (and resumes).
+ADDED_FIELDS: dict[str, Any] = {"algo.entropy_coef": 0.0}
+
+
 def check_compatible(meta: Mapping[str, Any], config: Mapping[str, Any], where: str) -> None:
     """Raise ``ConfigError`` naming the first env/algo/seed field that differs from ``meta``."""
     for section in BOUND_SECTIONS:
         saved = _flatten(meta["config"].get(section), section)
         given = _flatten(config.get(section), section)
         for field in sorted(saved.keys() | given.keys()):
-            if saved.get(field) != given.get(field):
+            added_as_before = field not in saved and given.get(field) == ADDED_FIELDS.get(field)
+            if saved.get(field) != given.get(field) and not added_as_before:
                 raise ConfigError(
                     f"{field}: the checkpoint in {where} was trained with "
                     f"{field}={saved.get(field)!r}, but the config has {field}={given.get(field)!r}"

@@ -95,3 +95,25 @@ def one_line_errors() -> Iterator[None]:
     except (HydraException, StoreError, FileNotFoundError) as err:
         typer.echo(f"error: {one_line(err)}", err=True)
         raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def recording_errors(out: Any) -> Iterator[None]:
+    """What a command that appends episodes to the store ``out`` does on bad input (a
+    config, an override, a value or a missing file: ``error: <one line>``, exit 1) and on
+    Ctrl-C (what was committed stays: re-running the same command resumes; exit 130)."""
+    import typer
+    from hydra.errors import HydraException
+
+    try:
+        yield
+    except (HydraException, ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {one_line(err)}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: the episodes committed to {out} are kept; re-run the same command "
+            "to resume",
+            err=True,
+        )
+        raise typer.Exit(130) from None

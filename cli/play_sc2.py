@@ -225,58 +225,48 @@ def sc2_rollout(
     ] = "VeryHard",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    from hydra.errors import HydraException
     from rich.console import Console
 
     from agents import checkpoint
     from agents.attacks import Attack
-    from cli import enable_compilation_cache, invocation, one_line, progress_bar, recording
+    from cli import enable_compilation_cache, invocation, progress_bar, recording, recording_errors
     from envs.sc2 import Sc2InstallError, check_install
 
     console = Console(soft_wrap=True)
     enable_compilation_cache()
     env = None
     try:
-        check_install(sc2path, map_name)
-        seed_list = recording.parse_seeds(seeds)
-        overrides = list(overrides or [])
-        if clean and overrides:
-            raise ValueError(f"--clean records clean episodes; drop the overrides {overrides}")
-        policy = checkpoint.load_policy(run_dir)
-        config = recording.rollout_config(["attack=none"] if clean else overrides,
-                                          policy.config, run_dir)  # fmt: skip
-        config["attack"] = recording.stepped_attack_config(config["attack"], overrides)
-        attack = Attack.from_config(config["attack"])
-        per_seed = recording.episodes_per_seed(attack, policy.env.spec.num_agents)
-        env = game_of(policy, map_name, sc2path, difficulty, game_seed)
-        session = {
-            "command": invocation(ctx),
-            "run_dir": str(run_dir.resolve()),
-            "checkpoint_env_steps": policy.env_steps,
-            "seeds": seeds,
-            "map_name": map_name,
-            "difficulty": difficulty,
-            "game_seed": game_seed,
-        }
-        with progress_bar(console, progress, "episodes") as bar:
-            task = bar.add_task("sc2-rollout", total=len(seed_list) * per_seed)
-            done = recording.record(
-                out, policy, config, seed_list, chunk_seeds=1,
-                on_chunk=lambda n: bar.advance(task, n), session=session, stepped_env=env,
-            )  # fmt: skip
+        with recording_errors(out):
+            check_install(sc2path, map_name)
+            seed_list = recording.parse_seeds(seeds)
+            overrides = list(overrides or [])
+            if clean and overrides:
+                raise ValueError(f"--clean records clean episodes; drop the overrides {overrides}")
+            policy = checkpoint.load_policy(run_dir)
+            config = recording.rollout_config(["attack=none"] if clean else overrides,
+                                              policy.config, run_dir)  # fmt: skip
+            config["attack"] = recording.stepped_attack_config(config["attack"], overrides)
+            attack = Attack.from_config(config["attack"])
+            per_seed = recording.episodes_per_seed(attack, policy.env.spec.num_agents)
+            env = game_of(policy, map_name, sc2path, difficulty, game_seed)
+            session = {
+                "command": invocation(ctx),
+                "run_dir": str(run_dir.resolve()),
+                "checkpoint_env_steps": policy.env_steps,
+                "seeds": seeds,
+                "map_name": map_name,
+                "difficulty": difficulty,
+                "game_seed": game_seed,
+            }
+            with progress_bar(console, progress, "episodes") as bar:
+                task = bar.add_task("sc2-rollout", total=len(seed_list) * per_seed)
+                done = recording.record(
+                    out, policy, config, seed_list, chunk_seeds=1,
+                    on_chunk=lambda n: bar.advance(task, n), session=session, stepped_env=env,
+                )  # fmt: skip
     except Sc2InstallError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    except (HydraException, ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {one_line(err)}", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo(
-            f"interrupted: the seeds committed to {out} are kept; re-run the same command "
-            "to resume",
-            err=True,
-        )
-        raise typer.Exit(130) from None
     finally:
         if env is not None:
             env.close()

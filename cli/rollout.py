@@ -55,17 +55,16 @@ def rollout(
     ] = 32,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    from hydra.errors import HydraException
     from rich.console import Console
 
     from agents import checkpoint
     from agents.attacks import Attack
-    from cli import enable_compilation_cache, invocation, one_line, progress_bar, recording
+    from cli import enable_compilation_cache, invocation, progress_bar, recording, recording_errors
     from forensics.store import open_store
 
     console = Console(soft_wrap=True)
     enable_compilation_cache()
-    try:
+    with recording_errors(out):
         seed_list = recording.parse_seeds(seeds)
         policy = checkpoint.load_policy(run_dir)
         config = recording.rollout_config(overrides or [], policy.config, run_dir)
@@ -94,16 +93,6 @@ def rollout(
         store = open_store(out)
         table = recording.efficacy(store, attack)
         written = recording.save_efficacy(store, table) if len(table) else None
-    except (HydraException, ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {one_line(err)}", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo(
-            f"interrupted: the chunks committed to {out} are kept; re-run the same command "
-            "to resume",
-            err=True,
-        )
-        raise typer.Exit(130) from None
     _report(console, out, attack, done, per_seed, wall, store, table, written)
 
 

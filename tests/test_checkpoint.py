@@ -90,6 +90,19 @@ def test_training_length_and_logging_settings_may_change(run):
     checkpoint.check_compatible(checkpoint.latest_meta(checkpoint.manager(run_dir)), longer, "x")
 
 
+def test_a_field_added_later_matches_old_checkpoints_only_at_its_old_value():
+    """A HATRPO checkpoint written before algo.entropy_coef existed trained with no bonus:
+    a config with 0 resumes it, 0.05 is another run."""
+    config = compose_config(["algo=hatrpo"])
+    old = {**config, "algo": {k: v for k, v in config["algo"].items() if k != "entropy_coef"}}
+    checkpoint.check_compatible({"config": old}, config, "x")
+    changed = {**config, "algo": {**config["algo"], "entropy_coef": 0.05}}
+    with pytest.raises(
+        ConfigError, match=r"^algo.entropy_coef: .* trained with algo.entropy_coef=None"
+    ):
+        checkpoint.check_compatible({"config": old}, changed, "x")
+
+
 def test_only_the_newest_checkpoints_are_kept(run, tmp_path):
     config, env, trainer, state, _ = run
     mngr = checkpoint.manager(tmp_path, keep=2)
