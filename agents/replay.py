@@ -48,13 +48,10 @@ def add(buffer: ReplayBuffer, batch: Pytree, keep: jax.Array | None = None) -> R
     if batch_size > capacity:
         raise ValueError(f"replay: batch of {batch_size} exceeds capacity {capacity}")
     if keep is None:
-        offset, count = jnp.arange(batch_size), batch_size
-    else:
-        offset = jnp.cumsum(keep) - 1  # kept row k goes to the (k+1)-th free slot
-        count = jnp.sum(keep, dtype=jnp.int32)
-    idx = (buffer.pos + offset) % capacity
-    if keep is not None:
-        idx = jnp.where(keep, idx, capacity)  # out of bounds: dropped by the scatter
+        keep = jnp.ones(batch_size, bool)
+    offset = jnp.cumsum(keep) - 1  # kept row k goes to the (k+1)-th free slot
+    count = jnp.sum(keep, dtype=jnp.int32)
+    idx = jnp.where(keep, (buffer.pos + offset) % capacity, capacity)  # capacity: dropped
     data = jax.tree_util.tree_map(lambda d, b: d.at[idx].set(b, mode="drop"), buffer.data, batch)
     return buffer.replace(
         data=data,

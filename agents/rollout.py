@@ -132,7 +132,7 @@ def attacked_step(
     """One step's decisions (the module docstring's equations) from the true obs [N, O] and
     legal actions [N, A] at step t: (actions to send to the env, the latched action carried
     to t + 1, the step's record). The env itself is stepped by the caller, so that the same
-    function serves the jitted scan and Python-stepped envs (``play_episode``)."""
+    function serves the jitted scan and Python-stepped envs (``make_player``)."""
     target, victim = attacker.target, attacker.target.victim
     clean_act = team.greedy(jax.vmap(team.actor_apply)(actor_params, obs), avail)
     clean_crit = team.critic_input(clean_act)

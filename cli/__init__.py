@@ -81,10 +81,11 @@ def one_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
+def one_line_errors(*also: type[Exception]) -> Iterator[None]:
     """Bad input — a config value or override (``ConfigError``, Hydra's errors), a store
-    (``StoreError``), a missing file — ends the command with ``error: <one line>`` on stderr
-    and exit status 1. Anything else is a bug and keeps its traceback."""
+    (``StoreError``), a missing file, or one of the exception types ``also`` names — ends
+    the command with ``error: <one line>`` on stderr and exit status 1. Anything else is a
+    bug and keeps its traceback."""
     import typer
     from hydra.errors import HydraException
 
@@ -92,7 +93,7 @@ def one_line_errors() -> Iterator[None]:
 
     try:
         yield
-    except (HydraException, StoreError, FileNotFoundError) as err:
+    except (HydraException, StoreError, FileNotFoundError, *also) as err:
         typer.echo(f"error: {one_line(err)}", err=True)
         raise typer.Exit(1) from None
 
@@ -103,13 +104,10 @@ def recording_errors(out: Any) -> Iterator[None]:
     config, an override, a value or a missing file: ``error: <one line>``, exit 1) and on
     Ctrl-C (what was committed stays: re-running the same command resumes; exit 130)."""
     import typer
-    from hydra.errors import HydraException
 
     try:
-        yield
-    except (HydraException, ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {one_line(err)}", err=True)
-        raise typer.Exit(1) from None
+        with one_line_errors(ValueError):
+            yield
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: the episodes committed to {out} are kept; re-run the same command "

@@ -21,6 +21,18 @@ import typer
 
 SC2_EVALUATION_FILE = "sc2_evaluation.json"
 
+# The arguments both game commands take.
+RunDirArg = Annotated[
+    Path, typer.Argument(help="A run directory of a SMAX policy (`forensics train env=smax_…`).")
+]
+MapOption = Annotated[str, typer.Option("--map", help="SMAC map; the run must be SMAX's same map.")]
+Sc2PathOption = Annotated[
+    str | None, typer.Option(help="StarCraft II folder (default: $SC2PATH, else ~/StarCraftII).")
+]
+DifficultyOption = Annotated[
+    str, typer.Option(help="Built-in AI difficulty (sc2api Difficulty name; SMAC: VeryHard).")
+]
+
 
 def check_run_matches(env_config: dict[str, Any], map_name: str, run_dir: Path) -> None:
     """A SMAX run of the same map (same slots, observation and action sizes), or a
@@ -28,7 +40,7 @@ def check_run_matches(env_config: dict[str, Any], map_name: str, run_dir: Path) 
     if env_config.get("name") != "smax" or env_config.get("map_name") != map_name:
         raise ValueError(
             f"{run_dir}: trained on env {env_config.get('name')} map "
-            f"{env_config.get('map_name')}; sc2-evaluate --map {map_name} needs a SMAX run "
+            f"{env_config.get('map_name')}; --map {map_name} needs a SMAX run "
             f"of that map (env=smax_{map_name})"
         )
 
@@ -105,22 +117,12 @@ def evaluate_in_sc2(
 
 
 def sc2_evaluate(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(help="A run directory of a SMAX policy (`forensics train env=smax_…`)."),
-    ],
-    map_name: Annotated[
-        str, typer.Option("--map", help="SMAC map; the run must be SMAX's same map.")
-    ] = "3s_vs_3z",
+    run_dir: RunDirArg,
+    map_name: MapOption = "3s_vs_3z",
     episodes: Annotated[int, typer.Option("--episodes", "-e", min=2, help="Episodes.")] = 20,
-    sc2path: Annotated[
-        str | None,
-        typer.Option(help="StarCraft II folder (default: $SC2PATH, else ~/StarCraftII)."),
-    ] = None,
+    sc2path: Sc2PathOption = None,
     seed: Annotated[int, typer.Option(help="The game's random seed.")] = 0,
-    difficulty: Annotated[
-        str, typer.Option(help="Built-in AI difficulty (sc2api Difficulty name; SMAC: VeryHard).")
-    ] = "VeryHard",
+    difficulty: DifficultyOption = "VeryHard",
 ) -> None:
     """Evaluate a SMAX-trained run in the real StarCraft II game: win rate ± 95 % CI.
 
@@ -192,19 +194,14 @@ Examples:
 
 def sc2_rollout(
     ctx: typer.Context,
-    run_dir: Annotated[
-        Path,
-        typer.Argument(help="A run directory of a SMAX policy (`forensics train env=smax_…`)."),
-    ],
+    run_dir: RunDirArg,
     overrides: Annotated[
         list[str] | None, typer.Argument(help="Hydra overrides of the attack (key=value).")
     ] = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Episode store directory (created or resumed).")
     ] = ...,
-    map_name: Annotated[
-        str, typer.Option("--map", help="SMAC map; the run must be SMAX's same map.")
-    ] = "3s_vs_3z",
+    map_name: MapOption = "3s_vs_3z",
     seeds: Annotated[
         str,
         typer.Option(
@@ -215,14 +212,9 @@ def sc2_rollout(
     clean: Annotated[
         bool, typer.Option("--clean", help="Clean episodes only (attack=none): calibration.")
     ] = False,
-    sc2path: Annotated[
-        str | None,
-        typer.Option(help="StarCraft II folder (default: $SC2PATH, else ~/StarCraftII)."),
-    ] = None,
+    sc2path: Sc2PathOption = None,
     game_seed: Annotated[int, typer.Option(help="The game's random seed (set at launch).")] = 0,
-    difficulty: Annotated[
-        str, typer.Option(help="Built-in AI difficulty (sc2api Difficulty name; SMAC: VeryHard).")
-    ] = "VeryHard",
+    difficulty: DifficultyOption = "VeryHard",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     from rich.console import Console
