@@ -122,7 +122,11 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
 # Fields added to the bound sections after checkpoints were written without them, with the
 # value that reproduces how those checkpoints were trained: such a checkpoint still matches
 # a config that leaves the new field at that value (and resumes).
-ADDED_FIELDS: dict[str, Any] = {"algo.entropy_coef": 0.0}
+ADDED_FIELDS: dict[str, Any] = {
+    "algo.entropy_coef": 0.0,
+    "algo.kl_anneal_env_steps": 0,
+    "algo.kl_threshold_final": 0.001,
+}
 
 
 def check_compatible(meta: Mapping[str, Any], config: Mapping[str, Any], where: str) -> None:
@@ -131,11 +135,12 @@ def check_compatible(meta: Mapping[str, Any], config: Mapping[str, Any], where: 
         saved = _flatten(meta["config"].get(section), section)
         given = _flatten(config.get(section), section)
         for field in sorted(saved.keys() | given.keys()):
-            added_as_before = field not in saved and given.get(field) == ADDED_FIELDS.get(field)
-            if saved.get(field) != given.get(field) and not added_as_before:
+            # A field the checkpoint predates was trained at its ADDED_FIELDS value.
+            trained = saved[field] if field in saved else ADDED_FIELDS.get(field)
+            if trained != given.get(field):
                 raise ConfigError(
                     f"{field}: the checkpoint in {where} was trained with "
-                    f"{field}={saved.get(field)!r}, but the config has {field}={given.get(field)!r}"
+                    f"{field}={trained!r}, but the config has {field}={given.get(field)!r}"
                     " (use the original config, or another run_name/out_dir for a new run)"
                 )
 

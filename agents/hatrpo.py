@@ -82,6 +82,10 @@ class HatrpoConfig:
     gamma: float = 0.99
     gae_lambda: float = 0.95
     kl_threshold: float = 0.01  # δ, the trust region radius in mean KL
+    # Annealing (0 = constant δ): δ falls linearly to kl_threshold_final over this many env
+    # steps (kl_radius), so late updates refine the policy instead of moving it as far.
+    kl_anneal_env_steps: int = 0
+    kl_threshold_final: float = 0.001
     entropy_coef: float = 0.0  # c_H: entropy bonus in the surrogate (HARL's HATRPO has none)
     ls_step: int = 10  # line-search candidates
     accept_ratio: float = 0.5  # required share of the linearly predicted improvement
@@ -115,6 +119,8 @@ class HatrpoConfig:
             ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
             ("gae_lambda", 0 <= self.gae_lambda <= 1, "in [0, 1]"),
             ("kl_threshold", self.kl_threshold > 0, "> 0"),
+            ("kl_anneal_env_steps", self.kl_anneal_env_steps >= 0, ">= 0"),
+            ("kl_threshold_final", self.kl_threshold_final > 0, "> 0"),
             ("entropy_coef", self.entropy_coef >= 0, ">= 0"),
             ("ls_step", self.ls_step >= 1, ">= 1"),
             ("accept_ratio", 0 <= self.accept_ratio < 1, "in [0, 1)"),
@@ -357,9 +363,12 @@ def line_search(
     expected: jax.Array,
     surrogate_old: jax.Array,
     cfg: HatrpoConfig,
+    delta: jax.Array | float | None = None,
 ) -> tuple[jax.Array, StepInfo]:
     """Backtracking: the first θ = θ_old + c^j·step (j < ls_step) with ``evaluate(θ) = (L, KL)``
-    satisfying KL ≤ δ, L − L_old > 0 and L − L_old > accept_ratio·c^j·expected; else θ_old."""
+    satisfying KL ≤ δ, L − L_old > 0 and L − L_old > accept_ratio·c^j·expected; else θ_old.
+    δ is ``delta`` (default ``cfg.kl_threshold``)."""
+    delta = cfg.kl_threshold if delta is None else delta
 
     def cond(c):
         j, accepted = c[0], c[1]
@@ -372,7 +381,7 @@ def line_search(
         surrogate, kl = evaluate(candidate)
         improve = surrogate - surrogate_old
         enough = improve > cfg.accept_ratio * frac * expected
-        ok = (kl <= cfg.kl_threshold) & (improve > 0) & enough
+        ok = (kl <= delta) & (improve > 0) & enough
         return j + 1, ok, candidate, kl, improve
 
     zero = jnp.float32(0)
@@ -400,12 +409,18 @@ class AgentBatch(NamedTuple):
 
 
 def trust_region_step(
-    head: PolicyHead, cfg: HatrpoConfig, theta: Params, batch: AgentBatch
+    head: PolicyHead,
+    cfg: HatrpoConfig,
+    theta: Params,
+    batch: AgentBatch,
+    delta: jax.Array | float | None = None,
 ) -> tuple[Params, jax.Array, StepInfo]:
-    """One agent's TRPO step on L(θ) = Σ_b w_b [M_b (π_θ/π_old)(a_b|o_b) Â_b + c_H H(π_θ(·|o_b))].
+    """One agent's TRPO step on L(θ) = Σ_b w_b [M_b (π_θ/π_old)(a_b|o_b) Â_b + c_H H(π_θ(·|o_b))]
+    within KL ≤ δ (``delta``, default ``cfg.kl_threshold``).
 
     Returns (θ_new, π_new/π_old on the batch [B], StepInfo); the math is in the module docstring.
     """
+    delta = cfg.kl_threshold if delta is None else delta
     flat_old, unravel = ravel_pytree(theta)
     f = lambda flat: head.forward(unravel(flat), batch.obs, batch.avail)
     d_old = jax.lax.stop_gradient(f(flat_old))
@@ -424,7 +439,7 @@ def trust_region_step(
     fvp = fisher_vector_product(f, head.dist.fisher, batch.weight, flat_old, cfg.cg_damping)
     direction = conjugate_gradient(fvp, grad, cfg.cg_iters)
     quad = 0.5 * jnp.vdot(direction, fvp(direction))  # ½ xᵀ F x, the model KL of x
-    scale = jnp.where(quad > 0, jnp.sqrt(cfg.kl_threshold / jnp.maximum(quad, 1e-30)), 0.0)
+    scale = jnp.where(quad > 0, jnp.sqrt(delta / jnp.maximum(quad, 1e-30)), 0.0)
     full_step = scale * direction
 
     def evaluate(flat):
@@ -433,7 +448,7 @@ def trust_region_step(
         return surrogate, kl
 
     flat_new, info = line_search(
-        evaluate, flat_old, full_step, jnp.vdot(grad, full_step), surrogate_old, cfg
+        evaluate, flat_old, full_step, jnp.vdot(grad, full_step), surrogate_old, cfg, delta
     )
     logp_new = head.dist.log_prob(f(flat_new), batch.action)
     return unravel(flat_new), jnp.exp(logp_new - logp_old), info
@@ -449,19 +464,24 @@ def sequential_update(
     advantage: jax.Array,
     weight: jax.Array,
     order: jax.Array,
+    delta: jax.Array | float | None = None,
 ) -> tuple[Params, StepInfo]:
-    """Trust-region steps for agents ``order[0], order[1], ...`` in turn (``lax.scan``), each
-    with M = the product of the earlier agents' new/old probability ratios.
+    """Trust-region steps (radius ``delta``, default ``cfg.kl_threshold``) for agents
+    ``order[0], order[1], ...`` in turn (``lax.scan``), each with M = the product of the
+    earlier agents' new/old probability ratios.
 
-    obs [B, N, O], action [B, N(, A)], avail [B, N, A] | None, advantage and weight [B]; returns
-    the stacked new parameters and the per-step ``StepInfo`` (leaves [N], in ``order``)."""
+    obs [B, N, O], action [B, N(, A)], avail [B, N, A] | None, advantage [B], weight [B, N]
+    (each agent's column sums to 1 over its decisions); returns the stacked new parameters and
+    the per-step ``StepInfo`` (leaves [N], in ``order``)."""
     take = lambda x, i: None if x is None else jax.lax.dynamic_index_in_dim(x, i, 1, False)
 
     def body(carry, i):
         thetas, factor = carry
         theta_i = jax.tree_util.tree_map(lambda x: x[i], thetas)
-        batch = AgentBatch(take(obs, i), take(action, i), take(avail, i), advantage, factor, weight)
-        theta_i, ratio, info = trust_region_step(head, cfg, theta_i, batch)
+        batch = AgentBatch(
+            take(obs, i), take(action, i), take(avail, i), advantage, factor, take(weight, i)
+        )
+        theta_i, ratio, info = trust_region_step(head, cfg, theta_i, batch, delta)
         thetas = jax.tree_util.tree_map(lambda x, y: x.at[i].set(y), thetas, theta_i)
         return (thetas, factor * jax.lax.stop_gradient(ratio)), info
 
@@ -541,10 +561,31 @@ class TrainState(struct.PyTreeNode):
     iteration: jax.Array  # int32 [], iterations done
 
 
+def kl_radius(cfg: HatrpoConfig, env_steps: jax.Array) -> jax.Array:
+    """The trust-region radius after ``env_steps`` env steps of training:
+    δ_t = δ + (δ_final − δ)·min(1, t / T_anneal), or δ throughout when T_anneal = 0."""
+    if not cfg.kl_anneal_env_steps:
+        return jnp.float32(cfg.kl_threshold)
+    frac = jnp.minimum(1.0, env_steps / cfg.kl_anneal_env_steps)
+    return cfg.kl_threshold + (cfg.kl_threshold_final - cfg.kl_threshold) * frac
+
+
 def critic_optimiser(cfg: HatrpoConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.lr_critic, eps=cfg.adam_eps)
     )
+
+
+def decision_weights(valid: jax.Array, avail: jax.Array | None, num_agents: int) -> jax.Array:
+    """Per-agent sample weights [B, N] for the actor updates: w_bi ∝ valid_b · [agent i has
+    more than one legal action at b], each agent's column summing to 1.
+
+    HARL's policy active masks: a step with a single legal action (a dead SMAX unit's no-op)
+    is no decision; its ratio and KL are identically 1 and 0, so counting it would dilute the
+    agent's surrogate and trust region over its real decisions."""
+    decides = jnp.ones((1, num_agents)) if avail is None else (jnp.sum(avail, axis=-1) > 1)
+    active = valid[:, None] * decides
+    return active / jnp.maximum(jnp.sum(active, axis=0), 1.0)
 
 
 def weighted_standardise(x: jax.Array, weight: jax.Array) -> jax.Array:
@@ -669,24 +710,28 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
 
         flat = lambda x: None if x is None else x.reshape(B, *x.shape[2:])
         valid = flat(traj.valid)
-        weight = valid / jnp.maximum(jnp.sum(valid), 1.0)
+        step_weight = valid / jnp.maximum(jnp.sum(valid), 1.0)  # [B]: the batch's moments
+        avail = flat(traj.avail)
+        weight = decision_weights(valid, avail, n)
         obs = flat(traj.obs)
-        d_old = forward_team(head, state.actor_params, obs, flat(traj.avail))
-        entropy = jnp.sum(weight[:, None] * head.dist.entropy(d_old)) / n
+        d_old = forward_team(head, state.actor_params, obs, avail)
+        entropy = jnp.sum(weight * head.dist.entropy(d_old)) / n
         order = jax.random.permutation(k_order, n)
+        delta = kl_radius(cfg, state.iteration * B)
         actor_params, infos = sequential_update(
             head,
             cfg,
             state.actor_params,
             obs,
             flat(traj.action),
-            flat(traj.avail),
-            weighted_standardise(flat(adv), weight),
+            avail,
+            weighted_standardise(flat(adv), step_weight),
             weight,
             order,
+            delta,
         )
 
-        value_norm = state.value_norm.update(flat(returns), weight, cfg.value_norm_beta)
+        value_norm = state.value_norm.update(flat(returns), step_weight, cfg.value_norm_beta)
         mu, sigma = value_norm.stats()
         critic_params, critic_opt_state, critic_loss = update_critic(
             state,
@@ -701,6 +746,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             "episode_return": jnp.mean(episode_return),
             "critic_loss": critic_loss,
             "kl": jnp.mean(infos.kl),
+            "kl_bound": delta,
             "accept_rate": jnp.mean(infos.accepted.astype(jnp.float32)),
             "entropy": entropy,
         }

@@ -92,13 +92,13 @@ def test_training_length_and_logging_settings_may_change(run):
 
 def test_a_field_added_later_matches_old_checkpoints_only_at_its_old_value():
     """A HATRPO checkpoint written before algo.entropy_coef existed trained with no bonus:
-    a config with 0 resumes it, 0.05 is another run."""
+    a config with 0 resumes it, 0.05 is another run (the error names the old value)."""
     config = compose_config(["algo=hatrpo"])
     old = {**config, "algo": {k: v for k, v in config["algo"].items() if k != "entropy_coef"}}
     checkpoint.check_compatible({"config": old}, config, "x")
     changed = {**config, "algo": {**config["algo"], "entropy_coef": 0.05}}
     with pytest.raises(
-        ConfigError, match=r"^algo.entropy_coef: .* trained with algo.entropy_coef=None"
+        ConfigError, match=r"^algo.entropy_coef: .* trained with algo.entropy_coef=0.0, but .*=0.05"
     ):
         checkpoint.check_compatible({"config": old}, changed, "x")
 

@@ -42,8 +42,9 @@ def assert_trees_close(a, b) -> None:
 
 
 def tiny_problem(discrete: bool, num_agents: int = 1, batch: int = 12, seed: int = 0, **cfg):
-    """(head, cfg, stacked θ, obs [B, N, O], action, avail, advantage [B], weight [B]) of a
-    tiny random policy and batch (actions drawn from the policy, one illegal action masked)."""
+    """(head, cfg, stacked θ, obs [B, N, O], action, avail, advantage [B], weight [B, N]) of a
+    tiny random policy and batch (actions drawn from the policy, one illegal action masked;
+    each agent's weights differ and sum to 1)."""
     spec = EnvSpec("toy", num_agents, 3, 4, discrete, 25, 3 * num_agents)
     config = hatrpo.HatrpoConfig.from_mapping({"actor_hidden": [5], "output_gain": 1.0, **cfg})
     head = hatrpo.make_policy_head(spec, config)
@@ -58,8 +59,8 @@ def tiny_problem(discrete: bool, num_agents: int = 1, batch: int = 12, seed: int
     d = hatrpo.forward_team(head, thetas, obs, avail)
     action = head.dist.sample(k_act, d)
     advantage = jax.random.normal(k_adv, (batch,))
-    weight = jax.random.uniform(k_w, (batch,), minval=0.5)
-    return head, config, thetas, obs, action, avail, advantage, weight / weight.sum()
+    weight = jax.random.uniform(k_w, (batch, num_agents), minval=0.5)
+    return head, config, thetas, obs, action, avail, advantage, weight / weight.sum(0)
 
 
 def agent_batch(obs, action, avail, advantage, weight, i=0, factor=None):
@@ -69,7 +70,7 @@ def agent_batch(obs, action, avail, advantage, weight, i=0, factor=None):
         None if avail is None else avail[:, i],
         advantage,
         jnp.ones_like(advantage) if factor is None else factor,
-        weight,
+        weight[:, i],
     )
 
 
@@ -95,6 +96,7 @@ def test_config_errors_name_the_field():
 def test_fisher_vector_product_equals_the_explicit_fisher_categorical():
     """F = Σ_b w_b Σ_a π(a|o_b) ∇log π(a|o_b) ∇log π(a|o_b)ᵀ, the definition, materialised."""
     head, cfg, thetas, obs, action, avail, adv, w = tiny_problem(True)
+    w = w[:, 0]
     flat, unravel = ravel_pytree(agent(thetas, 0))
     f = lambda x: head.forward(unravel(x), obs[:, 0], avail[:, 0])
     damping = 0.1
@@ -115,6 +117,7 @@ def test_fisher_vector_product_equals_the_explicit_fisher_categorical():
 def test_fisher_vector_product_equals_the_kl_hessian_gaussian():
     """For the Gaussian head (mean net + free log-std): F = ∇²_θ E[KL(π_θ_old ‖ π_θ)] at θ_old."""
     head, cfg, thetas, obs, *_, w = tiny_problem(False)
+    w = w[:, 0]
     flat, unravel = ravel_pytree(agent(thetas, 0))
     f = lambda x: head.forward(unravel(x), obs[:, 0], None)
 
@@ -174,18 +177,19 @@ def test_line_search_takes_the_largest_step_inside_the_kl_bound():
 def test_trust_region_steps_never_exceed_the_kl_bound(discrete):
     """Random tiny policies with a large δ and an undamped Fisher (the quadratic KL model
     is poor): the KL of the step taken, recomputed here, is ≤ δ in every case, and the line
-    search had to backtrack in some of them."""
+    search had to backtrack in some of them. δ is passed as the (annealed) radius, which
+    overrides the config's larger ``kl_threshold``."""
     delta = 0.5
 
     def one(seed):
         head, cfg, thetas, obs, action, avail, adv, w = tiny_problem(
-            discrete, seed=seed, kl_threshold=delta, cg_damping=0.0, accept_ratio=0.0
+            discrete, seed=seed, kl_threshold=20 * delta, cg_damping=0.0, accept_ratio=0.0
         )
         theta = agent(thetas, 0)
         batch = agent_batch(obs, action, avail, adv, w)
-        new, _, info = hatrpo.trust_region_step(head, cfg, theta, batch)
+        new, _, info = hatrpo.trust_region_step(head, cfg, theta, batch, jnp.float32(delta))
         d_old = head.forward(theta, batch.obs, batch.avail)
-        kl = jnp.sum(w * head.dist.kl(d_old, head.forward(new, batch.obs, batch.avail)))
+        kl = jnp.sum(batch.weight * head.dist.kl(d_old, head.forward(new, batch.obs, batch.avail)))
         return kl, info
 
     kls, info = jax.jit(jax.vmap(one))(jnp.arange(12))
@@ -209,7 +213,7 @@ def test_entropy_bonus_raises_entropy_where_the_advantage_is_silent(discrete):
         batch = agent_batch(obs, action, avail, jnp.zeros_like(adv), w)
         new, _, info = hatrpo.trust_region_step(head, cfg, theta, batch)
         forward = lambda th: head.forward(th, batch.obs, batch.avail)
-        entropy = lambda th: jnp.sum(w * head.dist.entropy(forward(th)))
+        entropy = lambda th: jnp.sum(batch.weight * head.dist.entropy(forward(th)))
         return float(entropy(theta)), float(entropy(new)), info
 
     before, after, info = step(0.1)
@@ -294,6 +298,29 @@ def test_train_chunk_is_deterministic_finite_and_counts(tiny):
     assert not leaves_equal(state.actor_params, states[0][0].actor_params)
 
 
+def test_kl_radius_anneals_linearly_then_holds():
+    cfg = hatrpo.HatrpoConfig(kl_threshold=0.01, kl_anneal_env_steps=1000, kl_threshold_final=0.002)
+    steps = jnp.array([0, 250, 1000, 5000])
+    np.testing.assert_allclose(hatrpo.kl_radius(cfg, steps), [0.01, 0.008, 0.002, 0.002], rtol=1e-6)
+    assert float(hatrpo.kl_radius(hatrpo.HatrpoConfig(), jnp.int32(10**9))) == pytest.approx(0.01)
+
+
+def test_annealed_training_steps_within_the_shrinking_radius():
+    """Each chunk's update uses δ_t at the env steps done before it, and its steps obey it."""
+    env = make_env("simple_spread", num_agents=3, continuous=False)
+    per_chunk = TINY["num_envs"] * env.spec.episode_length
+    cfg = {**TINY, "kl_anneal_env_steps": 2 * per_chunk, "kl_threshold_final": 0.001}
+    trainer = hatrpo.make_trainer(env, cfg)
+    state = trainer.init(jax.random.PRNGKey(3))
+    bounds, kls = [], []
+    for _ in range(3):
+        state, metrics = trainer.train_chunk(state)
+        bounds.append(float(metrics["kl_bound"]))
+        kls.append(float(metrics["kl"]))
+    np.testing.assert_allclose(bounds, [0.01, 0.0055, 0.001], rtol=1e-5)
+    assert all(0 < kl <= bound * (1 + 1e-5) for kl, bound in zip(kls, bounds, strict=True)), kls
+
+
 def test_resume_from_checkpoint_equals_not_stopping(tiny, tmp_path):
     _, trainer, states = tiny
     with ocp.StandardCheckpointer() as ckpt:
@@ -349,3 +376,15 @@ def test_short_training_improves_the_return():
     assert float(second["episode_return"]) > float(first["episode_return"]) + 1.0
     mean, ci = evaluate.mean_ci(returns(trainer.policy_params(state)))
     assert gap_closed(mean - ci, 3, False) > 0.3, (mean, ci)
+
+
+def test_decision_weights_leave_out_forced_steps_and_padding():
+    """An agent-step with one legal action (a dead unit's no-op) or past the episode's end
+    weighs 0; every agent's weights sum to 1 over its real decisions."""
+    valid = jnp.array([1.0, 1.0, 1.0, 1.0, 0.0])
+    avail = jnp.ones((5, 2, 3), bool).at[2:, 1, 1:].set(False)  # agent 1 dead from step 2
+    w = np.asarray(hatrpo.decision_weights(valid, avail, 2))
+    np.testing.assert_allclose(w[:, 0], [0.25, 0.25, 0.25, 0.25, 0.0])
+    np.testing.assert_allclose(w[:, 1], [0.5, 0.5, 0.0, 0.0, 0.0])
+    continuous = np.asarray(hatrpo.decision_weights(valid, None, 2))
+    np.testing.assert_allclose(continuous, np.stack([w[:, 0]] * 2, axis=1))
