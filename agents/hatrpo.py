@@ -18,7 +18,11 @@ One iteration collects ``num_envs`` whole episodes with the current policies and
       M_m = Π_{k<m} π_{i_k}^new / π_{i_k}^old
   (the already-updated agents' probability ratios on the same samples, M_1 = 1; c_H is
   ``entropy_coef``, 0 as in HARL: a bonus that keeps battle policies exploring), subject to
-  E_s[KL(π_old(·|o) ‖ π_θ(·|o))] ≤ δ (``kl_threshold``). One TRPO step: g = ∇L(θ_old);
+  E_s[KL(π_old(·|o) ‖ π_θ(·|o))] ≤ δ (``kl_threshold``; with ``kl_anneal_env_steps`` > 0, δ
+  falls linearly to ``kl_threshold_final`` over that many env steps, see ``kl_radius``).
+  Expectations are over agent i_m's real decisions: steps where it has a single legal
+  action (a dead SMAX unit) weigh 0 (``decision_weights``, HARL's policy active masks).
+  One TRPO step: g = ∇L(θ_old);
   x ≈ F⁻¹ g by ``cg_iters`` conjugate-gradient iterations on Fisher-vector products
   (F + damping·I) v = Jᵀ F_d J v + damping·v (J the Jacobian of the distribution
   parameters in θ, F_d the distribution's own Fisher; one ``jax.jvp`` and one ``jax.vjp``
