@@ -4,13 +4,18 @@ Agent i acts from its own observation, a_i = μ_i(o_i); agent j's critic scores 
 observation and joint action, Q_j(o_1..o_N, a_1..a_N). Per-agent parameters are stacked
 on axis 0 (see ``agents.networks``) and every agent is updated by one batched computation.
 
-For a replay batch {(o, a, r, o', d)} (d = 1 only on a true termination; Simple Spread
+For a replay batch {(o, a, r, o', d, γ')} (d = 1 only on a true termination; Simple Spread
 episodes end by time limit only, so its targets always bootstrap):
-  critic j:  y_j = r_j + γ (1 − d) Q̄_j(o', ā'),  ā'_i = μ̄_i(o'_i)      (bars: target nets)
+  critic j:  y_j = r_j + γ' (1 − d) Q̄_j(o', ā'),  ā'_i = μ̄_i(o'_i)     (bars: target nets)
              L_j = E[(Q_j(o, a) − y_j)²]
   actor i:   L_i = −E[Q_i(o, a_1..â_i..a_N)] (+ λ E[ℓ_i²] for discrete logits ℓ_i),
              â_i = μ_i(o_i) with the other agents' actions taken from the buffer
   targets:   θ̄ ← τ θ + (1 − τ) θ̄                                          (Polyak)
+With ``n_step`` = 1, γ' = γ and (r, o') are one step's; with n > 1 a transition carries
+the discounted sum of its episode's next m = min(n, steps left) rewards, the observation
+after them and γ' = γ^m (``n_step_transitions``; uncorrected n-step returns as in Ape-X DPG
+and D4PG: a bias from older policies' actions, traded for credit that travels n steps per
+update along an episode instead of one).
 Each agent has its own Adam state and its own gradient-norm clip (``jax.vmap`` over the
 agent axis), so agents never share a step size or a clipping scale.
 
@@ -93,6 +98,7 @@ class MaddpgConfig:
     grad_clip: float = 0.5  # per-agent global-norm clip of each gradient
     logit_reg: float = 1e-3  # discrete: λ in the actor loss, keeps logits (and π) bounded
     sharing: str = "none"  # networks shared by all agents (+ agent id): SHARING, docstring
+    n_step: int = 1  # rewards summed into each critic target before bootstrapping
 
     @property
     def share_actor(self) -> bool:
@@ -128,6 +134,7 @@ class MaddpgConfig:
             ("critic_hidden", all(w >= 1 for w in self.critic_hidden), "positive widths"),
             ("activation", self.activation in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}"),
             ("sharing", self.sharing in SHARING, f"one of {list(SHARING)}"),
+            ("n_step", self.n_step >= 1, ">= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -196,6 +203,34 @@ class Transition(NamedTuple):
     terminal: jax.Array  # [] 1.0 if the episode truly ended here (no bootstrap)
     avail: jax.Array  # [N, A] bool, legal actions at obs (all True for unmasked envs)
     next_avail: jax.Array  # [N, A] bool, legal actions at next_obs
+    discount: jax.Array  # [] γ^m, the bootstrap's discount after the m rewards in ``reward``
+
+
+def _where_rows(rows: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """``new`` where ``rows`` [T, E] is True, else ``old`` (leaves [T, E, ...])."""
+    return jnp.where(rows.reshape(rows.shape + (1,) * (new.ndim - rows.ndim)), new, old)
+
+
+def n_step_transitions(traj: Transition, last: jax.Array, n: int, gamma: float) -> Transition:
+    """Fold into each transition the next n − 1 steps of its own episode. Leaves [T, E, ...];
+    ``last`` [T, E] marks each episode's final step (True at t = T − 1 too):
+        reward ← Σ_{k<m} γ^k r_{t+k},   (next_obs, next_avail, terminal) ← those of step t+m−1,
+        discount ← γ^m,   m = min(n, steps to the episode's end, t included).
+    """
+    T = last.shape[0]
+    ahead = lambda x, k: x[jnp.minimum(jnp.arange(T) + k, T - 1)]  # x[t + k], clamped
+    out, open_ = traj, jnp.ones(last.shape, bool)
+    for k in range(1, n):  # unrolled over the (small, static) horizon; vectorised over T, E
+        open_ = open_ & ~ahead(last, k - 1)  # steps t..t+k-1 did not end the episode
+        pick = functools.partial(_where_rows, open_)
+        out = out._replace(
+            reward=out.reward + open_[..., None] * gamma**k * ahead(traj.reward, k),
+            next_obs=pick(ahead(traj.next_obs, k), out.next_obs),
+            next_avail=pick(ahead(traj.next_avail, k), out.next_avail),
+            terminal=pick(ahead(traj.terminal, k), out.terminal),
+            discount=jnp.where(open_, gamma ** (k + 1), out.discount),
+        )
+    return out
 
 
 class Learner(struct.PyTreeNode):
@@ -301,7 +336,8 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
             next_greedy = jnp.argmax(mask_logits(next_out, batch.next_avail), -1)
             next_out = jax.nn.one_hot(next_greedy, spec.action_dim)
         q_next = critic_values(critic, learner.target_critic_params, batch.next_obs, next_out)
-        target = batch.reward + cfg.gamma * (1.0 - batch.terminal[:, None]) * q_next
+        bootstrap = batch.discount * (1.0 - batch.terminal)
+        target = batch.reward + bootstrap[:, None] * q_next
 
         def critic_loss(params):
             q = critic_values(critic, params, batch.obs, batch.action)
@@ -386,7 +422,8 @@ def make_trainer(
         obs = jnp.zeros((n, spec.obs_dim), jnp.float32)
         act = jnp.zeros((n, spec.action_dim), jnp.float32)
         legal = jnp.ones((n, spec.action_dim), bool)
-        example = Transition(obs, act, jnp.zeros(n), obs, jnp.float32(0), legal, legal)
+        zero = jnp.float32(0)
+        example = Transition(obs, act, jnp.zeros(n), obs, zero, legal, legal, zero)
         return TrainState(
             learner=init_learner(spec, cfg, k_learner),
             buffer=replay.init(example, cfg.buffer_size),
@@ -413,13 +450,16 @@ def make_trainer(
             next_avail = legal(env_state)
             # A done on the last step is the time limit, not a terminal state.
             terminal = (done & (t < T - 1)).astype(jnp.float32)
-            tr = Transition(obs, encoded, reward, next_obs, terminal, avail, next_avail)
-            return shard_envs((next_obs, env_state, next_avail, alive & ~done)), (tr, alive)
+            discount = jnp.full((E,), cfg.gamma)
+            tr = Transition(obs, encoded, reward, next_obs, terminal, avail, next_avail, discount)
+            last = done | (t == T - 1)
+            return shard_envs((next_obs, env_state, next_avail, alive & ~done)), (tr, alive, last)
 
         carry = shard_envs((obs, env_state, legal(env_state), jnp.ones((E,), bool)))
-        _, (traj, real) = jax.lax.scan(step, carry, (jax.random.split(k_steps, T), jnp.arange(T)))
+        steps = (jax.random.split(k_steps, T), jnp.arange(T))
+        _, (traj, real, last) = jax.lax.scan(step, carry, steps)
         returns = jnp.sum(traj.reward * real[..., None], axis=0)
-        return traj, real, returns
+        return n_step_transitions(traj, last, cfg.n_step, cfg.gamma), real, returns
 
     def learn(learner: Learner, buffer: replay.ReplayBuffer, key: jax.Array):
         """``updates_per_iteration`` updates on fresh uniform batches; mean metrics."""

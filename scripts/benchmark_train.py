@@ -77,9 +77,9 @@ def time_python_loop(spec, cfg: maddpg.MaddpgConfig, steps: int, continuous: boo
         reward=np.zeros((cap, n), np.float32),
         next_obs=np.zeros((cap, n, spec.obs_dim), np.float32),
         terminal=np.zeros((cap,), np.float32),
-        valid=np.ones((cap,), np.float32),
         avail=np.ones((cap, n, spec.action_dim), bool),  # Simple Spread: every action legal
         next_avail=np.ones((cap, n, spec.action_dim), bool),
+        discount=np.full((cap,), cfg.gamma, np.float32),
     )
     size = pos = 0
 

@@ -341,3 +341,38 @@ def test_run_episodes_equals_a_python_loop_and_masks_after_done():
                 break
         assert int(state.t) == 10
         np.testing.assert_allclose(returns[e], total, rtol=1e-5)
+
+
+def test_n_step_transitions_match_a_python_loop_and_stop_at_episode_ends():
+    """Each transition's reward sums its episode's next m = min(n, steps left) rewards with
+    γ^k, its next_obs/next_avail/terminal are step t+m−1's and its discount is γ^m."""
+    T, E, N, D, A, n, gamma = 6, 2, 2, 3, 4, 3, 0.9
+    rng = np.random.default_rng(0)
+    last = np.zeros((T, E), bool)
+    last[2, 0] = last[-1] = True  # env 0: episodes [0..2] and [3..5]; env 1: one of 6 steps
+    traj = maddpg.Transition(
+        obs=jnp.zeros((T, E, N, D)),
+        action=jnp.zeros((T, E, N, A)),
+        reward=jnp.asarray(rng.normal(size=(T, E, N)), jnp.float32),
+        next_obs=jnp.asarray(rng.normal(size=(T, E, N, D)), jnp.float32),
+        terminal=jnp.asarray(last & (np.arange(T)[:, None] < T - 1), jnp.float32),
+        avail=jnp.ones((T, E, N, A), bool),
+        next_avail=jnp.asarray(rng.random((T, E, N, A)) < 0.5),
+        discount=jnp.full((T, E), gamma),
+    )
+    out = maddpg.n_step_transitions(traj, jnp.asarray(last), n, gamma)
+    for e in range(E):
+        for t in range(T):
+            m = 1
+            while m < n and not last[t + m - 1, e]:
+                m += 1
+            end = t + m - 1
+            expected = sum(gamma**k * np.asarray(traj.reward[t + k, e]) for k in range(m))
+            np.testing.assert_allclose(out.reward[t, e], expected, rtol=1e-5)
+            np.testing.assert_allclose(out.next_obs[t, e], traj.next_obs[end, e])
+            np.testing.assert_array_equal(out.next_avail[t, e], traj.next_avail[end, e])
+            assert float(out.terminal[t, e]) == float(traj.terminal[end, e])
+            np.testing.assert_allclose(float(out.discount[t, e]), gamma**m, rtol=1e-6)
+    assert float(out.terminal[0, 0]) == 1.0 and float(out.discount[0, 0]) == pytest.approx(gamma**3)
+    one = maddpg.n_step_transitions(traj, jnp.asarray(last), 1, gamma)
+    assert all(bool(jnp.all(a == b)) for a, b in zip(one, traj, strict=True))
