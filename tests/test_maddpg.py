@@ -376,3 +376,22 @@ def test_n_step_transitions_match_a_python_loop_and_stop_at_episode_ends():
     assert float(out.terminal[0, 0]) == 1.0 and float(out.discount[0, 0]) == pytest.approx(gamma**3)
     one = maddpg.n_step_transitions(traj, jnp.asarray(last), 1, gamma)
     assert all(bool(jnp.all(a == b)) for a, b in zip(one, traj, strict=True))
+
+
+def test_benchmark_python_loop_baseline_runs_on_the_current_transition():
+    """scripts/benchmark_train.py's PettingZoo baseline fills its own numpy replay buffer with
+    ``maddpg.Transition`` rows and runs the jitted update on them: it must keep up with the
+    Transition's fields (it once still passed a removed one)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_train.py"
+    spec = importlib.util.spec_from_file_location("benchmark_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    env = make_env("simple_spread", num_agents=3, continuous=False)
+    cfg = maddpg.MaddpgConfig(
+        warmup=0, num_envs=2, batch_size=8, buffer_size=64, updates_per_iteration=5
+    )
+    result = bench.time_python_loop(env.spec, cfg, 20, continuous=False)
+    assert result["steps"] == 20 and result["updates"] == 2 and result["seconds"] > 0
