@@ -127,6 +127,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "algo.kl_anneal_env_steps": 0,
     "algo.kl_threshold_final": 0.001,
     "algo.n_step": 1,
+    "algo.policy_gradient": "decentralised",
     "algo.sharing": "none",
 }
 

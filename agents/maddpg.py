@@ -10,6 +10,12 @@ episodes end by time limit only, so its targets always bootstrap):
              L_j = E[(Q_j(o, a) − y_j)²]
   actor i:   L_i = −E[Q_i(o, a_1..â_i..a_N)] (+ λ E[ℓ_i²] for discrete logits ℓ_i),
              â_i = μ_i(o_i) with the other agents' actions taken from the buffer
+             (``policy_gradient: decentralised``, Lowe et al.), or, with
+             ``policy_gradient: centralised`` (FACMAC's centralised policy gradient, Peng
+             et al. 2021), one loss for all actors L = −E[Σ_j Q_j(o, â_1..â_N)]: every
+             agent's fresh action in every critic, so each actor's gradient sums over all
+             critics and is taken at the joint action the current policies would play,
+             not at the others' stale exploratory actions
   targets:   θ̄ ← τ θ + (1 − τ) θ̄                                          (Polyak)
 With ``n_step`` = 1, γ' = γ and (r, o') are one step's; with n > 1 a transition carries
 the discounted sum of its episode's next m = min(n, steps left) rewards, the observation
@@ -72,6 +78,7 @@ from envs.base import EnvSpec, MultiAgentEnv
 
 Params = Any
 SHARING = ("none", "actor", "critic", "both")  # which networks all agents share
+POLICY_GRADIENTS = ("decentralised", "centralised")  # the actors' estimator: docstring
 
 
 # ----------------------------------------------------------------------------- config
@@ -99,6 +106,7 @@ class MaddpgConfig:
     logit_reg: float = 1e-3  # discrete: λ in the actor loss, keeps logits (and π) bounded
     sharing: str = "none"  # networks shared by all agents (+ agent id): SHARING, docstring
     n_step: int = 1  # rewards summed into each critic target before bootstrapping
+    policy_gradient: str = "decentralised"  # POLICY_GRADIENTS: actor loss, module docstring
 
     @property
     def share_actor(self) -> bool:
@@ -135,6 +143,11 @@ class MaddpgConfig:
             ("activation", self.activation in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}"),
             ("sharing", self.sharing in SHARING, f"one of {list(SHARING)}"),
             ("n_step", self.n_step >= 1, ">= 1"),
+            (
+                "policy_gradient",
+                self.policy_gradient in POLICY_GRADIENTS,
+                f"one of {list(POLICY_GRADIENTS)}",
+            ),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -192,6 +205,22 @@ def critic_values(critic: Critic, critic_params: Params, obs: jax.Array, act: ja
     one = jax.vmap(critic.apply, in_axes=(None, 0, 0))  # one critic over the batch
     act_axis = 0 if act.ndim == 4 else None
     return jax.vmap(one, in_axes=(0, None, act_axis), out_axes=1)(critic_params, obs, act)
+
+
+def actor_joint_actions(policy_gradient: str, fresh: jax.Array, logged: jax.Array) -> jax.Array:
+    """The joint action(s) the critics score in the actor loss, from the actors' fresh
+    actions and the replay batch's logged ones (both [B, N, A]):
+
+    * ``decentralised`` → [N, B, N, A]: critic i scores agent i's fresh action with the
+      others' logged actions, so actor i's gradient is ∇_{a_i} Q_i alone (Lowe et al.);
+    * ``centralised`` → [B, N, A]: every critic scores every fresh action, so actor i's
+      gradient is Σ_j ∇_{a_i} Q_j at the current joint policy (FACMAC's estimator).
+    """
+    if policy_gradient == "centralised":
+        return fresh
+    n = fresh.shape[-2]
+    own_row = jnp.eye(n, dtype=bool)[:, None, :, None]  # [i, 1, N, 1]: agent i's own row
+    return jnp.where(own_row, fresh[None], logged[None])
 
 
 # -------------------------------------------------------------------------- state
@@ -327,7 +356,6 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
     actor, critic = build_networks(spec, cfg)
     actor_tx, critic_tx = optimisers(cfg)
     n = spec.num_agents
-    agent_mask = jnp.eye(n, dtype=bool)[:, None, :, None]  # [i, 1, N, 1]: agent i's own row
 
     def update(learner: Learner, batch: Transition, key: jax.Array):
         """One critic step, then one actor step against the updated critics, then Polyak."""
@@ -357,8 +385,7 @@ def make_update(spec: EnvSpec, cfg: MaddpgConfig):
                 reg = cfg.logit_reg * jnp.sum(jnp.mean(out**2, axis=(0, 2)))
             else:
                 own, reg = out, 0.0
-            # Critic i sees agent i's fresh action and the buffer's actions for the others.
-            joint = jnp.where(agent_mask, own[None], batch.action[None])  # [N, B, N, A]
+            joint = actor_joint_actions(cfg.policy_gradient, own, batch.action)
             q_own = critic_values(critic, critic_params, batch.obs, joint)  # [B, N]
             pg = -jnp.mean(jnp.sum(q_own, axis=1))
             return pg + reg, pg

@@ -227,6 +227,38 @@ def test_sharing_one_network_only():
 
 
 # ------------------------------------------------------------------ action helpers
+@pytest.mark.parametrize("policy_gradient", maddpg.POLICY_GRADIENTS)
+def test_actor_gradient_flows_through_the_critics_its_estimator_names(policy_gradient):
+    """d/d(fresh a_k) of −Σ_j Q_j(joint_j): decentralised = −∂Q_k/∂a_k at (a_k fresh, others
+    logged); centralised = −Σ_j ∂Q_j/∂a_k at the all-fresh joint action."""
+    B, N, O, A = 4, 3, 5, 2
+    k_obs, k_fresh, k_logged, k_init = jax.random.split(jax.random.PRNGKey(0), 4)
+    obs = jax.random.normal(k_obs, (B, N, O))
+    fresh = jax.random.normal(k_fresh, (B, N, A))
+    logged = jax.random.normal(k_logged, (B, N, A))
+    critic = networks.Critic(hidden=(8,), activation="silu")
+    params = networks.init_stacked(critic, k_init, N, obs[0], fresh[0])
+
+    def loss(fresh):
+        joint = maddpg.actor_joint_actions(policy_gradient, fresh, logged)
+        return -jnp.sum(maddpg.critic_values(critic, params, obs, joint))
+
+    grad = jax.grad(loss)(fresh)
+    def q(j, joint):  # Σ_b Q_j(o^b, joint^b), critic j's own parameters
+        params_j = jax.tree_util.tree_map(lambda x: x[j], params)
+        return jnp.sum(jax.vmap(critic.apply, in_axes=(None, 0, 0))(params_j, obs, joint))
+
+    for k in range(N):
+        if policy_gradient == "centralised":
+            expected = -sum(jax.grad(functools.partial(q, j))(fresh)[:, k] for j in range(N))
+        else:
+            mixed = logged.at[:, k].set(fresh[:, k])
+            expected = -jax.grad(functools.partial(q, k))(mixed)[:, k]
+        np.testing.assert_allclose(grad[:, k], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"algo\.policy_gradient must be one of"):
+        maddpg.MaddpgConfig.from_mapping({"policy_gradient": "joint"})
+
+
 def test_gumbel_straight_through_is_one_hot_forward_softmax_backward():
     logits = jnp.array([[2.0, 0.0, -1.0, 0.5, 0.0]])
     key = jax.random.PRNGKey(0)
