@@ -231,9 +231,9 @@ def test_sharing_one_network_only():
 def test_actor_gradient_flows_through_the_critics_its_estimator_names(policy_gradient):
     """d/d(fresh a_k) of −Σ_j Q_j(joint_j): decentralised = −∂Q_k/∂a_k at (a_k fresh, others
     logged); centralised = −Σ_j ∂Q_j/∂a_k at the all-fresh joint action."""
-    B, N, O, A = 4, 3, 5, 2
+    B, N, D, A = 4, 3, 5, 2
     k_obs, k_fresh, k_logged, k_init = jax.random.split(jax.random.PRNGKey(0), 4)
-    obs = jax.random.normal(k_obs, (B, N, O))
+    obs = jax.random.normal(k_obs, (B, N, D))
     fresh = jax.random.normal(k_fresh, (B, N, A))
     logged = jax.random.normal(k_logged, (B, N, A))
     critic = networks.Critic(hidden=(8,), activation="silu")
@@ -244,6 +244,7 @@ def test_actor_gradient_flows_through_the_critics_its_estimator_names(policy_gra
         return -jnp.sum(maddpg.critic_values(critic, params, obs, joint))
 
     grad = jax.grad(loss)(fresh)
+
     def q(j, joint):  # Σ_b Q_j(o^b, joint^b), critic j's own parameters
         params_j = jax.tree_util.tree_map(lambda x: x[j], params)
         return jnp.sum(jax.vmap(critic.apply, in_axes=(None, 0, 0))(params_j, obs, joint))
