@@ -170,12 +170,20 @@ class Smax:
 
     def global_state(self, state: Any) -> jax.Array:
         """SMAX's world state (per unit: health fraction, x, y, cooldown, type bits; then
-        teams and types) with x, y divided by the map size."""
-        world = self.game._env.get_world_state(state.state)
+        teams and types) scaled as SMAX scales a unit's own observation: x, y divided by
+        the map size, the weapon cooldown divided by the unit type's and clipped to [0, 1].
+        (The raw cooldown keeps falling below 0 while a unit does not fire, to −17 and
+        beyond within a 3m battle: ten times every other input of the critic, and its value
+        below 0 means nothing but "ready".)"""
+        game = self.game._env
+        inner = state.state
+        world = game.get_world_state(inner)
         n_units = self.num_agents + self.num_enemies
         per_unit = world[: 10 * n_units].reshape(n_units, 10)
-        scale = jnp.array([1.0, self.game.map_width, self.game.map_height] + [1.0] * 7)
-        return jnp.concatenate([(per_unit / scale).reshape(-1), world[10 * n_units :]])
+        full_cooldown = game.unit_type_weapon_cooldowns[inner.unit_types]
+        per_unit = per_unit.at[:, 1:3].divide(jnp.array([game.map_width, game.map_height]))
+        per_unit = per_unit.at[:, 3].set(jnp.clip(per_unit[:, 3] / full_cooldown, 0.0, 1.0))
+        return jnp.concatenate([per_unit.reshape(-1), world[10 * n_units :]])
 
     # ------------------------------------------- shared with the SC2 adapter
     def observations(self, inner: Any) -> jax.Array:

@@ -57,15 +57,29 @@ def test_observations_and_masks_are_jaxmarls(env):
         obs, state, *_ = step(jax.random.PRNGKey(100 + t), state, actions)
 
 
-def test_global_state_scales_positions_only(env):
-    _, state = env.reset(jax.random.PRNGKey(2))
+def test_global_state_scales_positions_and_cooldowns_as_observations_do(env):
+    """x, y / map size; cooldown / the unit type's, clipped to [0, 1] (SMAX's own-features
+    scaling), on a state mid-battle where idle units' raw cooldowns are far below 0."""
+    obs, state = env.reset(jax.random.PRNGKey(2))
+    step = jax.jit(env.step)
+    for t in range(12):
+        actions = random_legal(jax.random.PRNGKey(t), env.avail_actions(state))
+        obs, state, *_ = step(jax.random.PRNGKey(100 + t), state, actions)
+    inner = state.state
     world = np.asarray(env.game.get_world_state(state))
-    ours = np.asarray(env.global_state(state))
-    per_unit = world[:60].reshape(6, 10)
-    np.testing.assert_allclose(ours[:60].reshape(6, 10)[:, 1:3], per_unit[:, 1:3] / 32.0)
-    np.testing.assert_array_equal(ours[:60].reshape(6, 10)[:, [0, *range(3, 10)]],
-                                  per_unit[:, [0, *range(3, 10)]])  # fmt: skip
+    ours = np.asarray(env.global_state(state)).reshape(-1)
+    per_unit, raw = ours[:60].reshape(6, 10), world[:60].reshape(6, 10)
+    assert raw[:, 3].min() < 0 < raw[:, 3].max()  # idle (clipped) and reloading units
+    np.testing.assert_allclose(per_unit[:, 1:3], raw[:, 1:3] / 32.0, rtol=1e-6)
+    full = np.asarray(env.game._env.unit_type_weapon_cooldowns)[np.asarray(inner.unit_types)]
+    np.testing.assert_allclose(per_unit[:, 3], np.clip(raw[:, 3] / full, 0, 1), rtol=1e-6)
+    assert per_unit[:, 3].min() >= 0 and per_unit[:, 3].max() <= 1
+    np.testing.assert_array_equal(per_unit[:, [0, *range(4, 10)]], raw[:, [0, *range(4, 10)]])
     np.testing.assert_array_equal(ours[60:], world[60:])
+    # An ally's own observation carries the same scaled cooldown (SMAX's own features).
+    own = np.asarray(obs)[:, -10:]
+    alive = np.asarray(inner.unit_alive)[:3]
+    np.testing.assert_allclose(own[alive, 3], per_unit[:3][alive, 3], rtol=1e-6)
 
 
 def test_attack_masks_follow_range_and_death(env):
