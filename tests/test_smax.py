@@ -59,7 +59,7 @@ def test_observations_and_masks_are_jaxmarls(env):
 
 def test_global_state_scales_positions_and_cooldowns_as_observations_do(env):
     """x, y / map size; cooldown / the unit type's, clipped to [0, 1] (SMAX's own-features
-    scaling), on a state mid-battle where idle units' raw cooldowns are far below 0."""
+    scaling), on a state mid-battle where idle units' raw cooldowns are below 0."""
     obs, state = env.reset(jax.random.PRNGKey(2))
     step = jax.jit(env.step)
     for t in range(12):
