@@ -172,8 +172,8 @@ class Smax:
         """SMAX's world state (per unit: health fraction, x, y, cooldown, type bits; then
         teams and types) scaled as SMAX scales a unit's own observation: x, y divided by
         the map size, the weapon cooldown divided by the unit type's and clipped to [0, 1].
-        (The raw cooldown keeps falling below 0 while a unit does not fire, to −17 and
-        beyond within a 3m battle: ten times every other input of the critic, and its value
+        (The raw cooldown keeps falling below 0 while a unit does not fire, to −17 within
+        60 steps of random play on 3m: ten times every other input of the critic, and its value
         below 0 means nothing but "ready".)"""
         game = self.game._env
         inner = state.state
