@@ -126,6 +126,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "algo.entropy_coef": 0.0,
     "algo.kl_anneal_env_steps": 0,
     "algo.kl_threshold_final": 0.001,
+    "algo.layer_norm": False,
     "algo.n_step": 1,
     "algo.policy_gradient": "decentralised",
     "algo.sharing": "none",

@@ -81,6 +81,7 @@ class HatrpoConfig:
     actor_hidden: tuple[int, ...] = (128, 128)
     critic_hidden: tuple[int, ...] = (128, 128)
     activation: str = "silu"  # smooth: forensics needs curvature (see networks.ACTIVATIONS)
+    layer_norm: bool = False  # HARL's MLPBase: LayerNorm on the inputs and every hidden layer
     output_gain: float = 0.01  # actor output-layer scale at init: near-uniform/centred policy
     init_std: float = 0.35  # continuous: initial Gaussian std as a fraction of the box width
     gamma: float = 0.99
@@ -232,15 +233,16 @@ class StateValue(nn.Module):
 
     hidden: tuple[int, ...]
     activation: str = "silu"
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, state: jax.Array) -> jax.Array:
-        return MLP(self.hidden, 1, self.activation)(state)[..., 0]
+        return MLP(self.hidden, 1, self.activation, self.layer_norm)(state)[..., 0]
 
 
 def build_actor(spec: EnvSpec, cfg: HatrpoConfig) -> Actor:
     """The actor network: logits (discrete) or the Gaussian mean in the action box."""
-    return actor_for(spec, cfg.actor_hidden, cfg.activation)
+    return actor_for(spec, cfg.actor_hidden, cfg.activation, cfg.layer_norm)
 
 
 def make_policy_head(spec: EnvSpec, cfg: HatrpoConfig) -> PolicyHead:
@@ -612,7 +614,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             f"got {cfg.critic_minibatches}"
         )
     head = make_policy_head(spec, cfg)
-    critic = StateValue(cfg.critic_hidden, cfg.activation)
+    critic = StateValue(cfg.critic_hidden, cfg.activation, cfg.layer_norm)
     tx = critic_optimiser(cfg)
 
     def init(key: jax.Array) -> TrainState:

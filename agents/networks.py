@@ -36,17 +36,28 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 class MLP(nn.Module):
-    """MLP with ``activation`` hidden layers and a linear head of ``out_dim`` units."""
+    """MLP with ``activation`` hidden layers and a linear head of ``out_dim`` units.
+
+    ``layer_norm`` is HARL's MLPBase: LayerNorm of the input features (its
+    ``use_feature_normalization``) and after every hidden activation, so each layer sees
+    zero-mean, unit-variance features whatever the scale of the raw inputs. LayerNorm is
+    smooth away from constant inputs, so curvature-based forensics still applies.
+    """
 
     hidden: Sequence[int]
     out_dim: int
     activation: str = "relu"
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
+        if self.layer_norm:
+            x = nn.LayerNorm()(x)
         for width in self.hidden:
             x = act(nn.Dense(width)(x))
+            if self.layer_norm:
+                x = nn.LayerNorm()(x)
         return nn.Dense(self.out_dim)(x)
 
 
@@ -59,16 +70,19 @@ class Actor(nn.Module):
     action_low: float = 0.0
     action_high: float = 1.0
     activation: str = "relu"
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
-        out = MLP(self.hidden, self.action_dim, self.activation)(obs)
+        out = MLP(self.hidden, self.action_dim, self.activation, self.layer_norm)(obs)
         if self.discrete:
             return out
         return self.action_low + (self.action_high - self.action_low) * nn.sigmoid(out)
 
 
-def actor_for(spec: Any, hidden: Sequence[int], activation: str) -> Actor:
+def actor_for(
+    spec: Any, hidden: Sequence[int], activation: str, layer_norm: bool = False
+) -> Actor:
     """The actor for an env spec (``envs.base.EnvSpec``): its action size, kind and box."""
     return Actor(
         hidden=hidden,
@@ -77,6 +91,7 @@ def actor_for(spec: Any, hidden: Sequence[int], activation: str) -> Actor:
         action_low=spec.action_low,
         action_high=spec.action_high,
         activation=activation,
+        layer_norm=layer_norm,
     )
 
 

@@ -75,6 +75,10 @@ def coerce_field(name: str, value: Any, default: Any, section: str = "algo") -> 
             if not isinstance(value, str):
                 raise TypeError
             return value
+        if isinstance(default, bool):  # before int: bool is an int subclass
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
         if isinstance(default, tuple):
             if isinstance(value, str | bytes):
                 raise TypeError

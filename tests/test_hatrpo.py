@@ -89,7 +89,31 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"algo\.critic_minibatches must divide"):
         env = make_env("simple_spread", num_agents=3, continuous=False)
         hatrpo.make_trainer(env, {**TINY, "critic_minibatches": 7})
+    with pytest.raises(ValueError, match=r"algo\.layer_norm must be bool, got 1"):
+        hatrpo.HatrpoConfig.from_mapping({"layer_norm": 1})
     assert hatrpo.HatrpoConfig.from_mapping({"name": "hatrpo"}) == hatrpo.HatrpoConfig()
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_layer_norm_networks_ignore_the_scale_and_offset_of_their_inputs(layer_norm):
+    """``algo.layer_norm`` normalises the raw inputs first (HARL's feature normalisation):
+    actor logits and V(s) at a·x + b (a > 0, b one scalar for every feature) equal those at
+    x; a plain MLP's change."""
+    spec = EnvSpec("toy", 2, 6, 4, True, 25, 9)
+    cfg = hatrpo.HatrpoConfig.from_mapping({"actor_hidden": [8, 8], "layer_norm": layer_norm})
+    thetas = hatrpo.init_actors(spec, cfg, jax.random.PRNGKey(0))
+    head = hatrpo.make_policy_head(spec, cfg)
+    obs = jax.random.normal(jax.random.PRNGKey(1), (5, 2, 6))
+    logits = lambda o: hatrpo.forward_team(head, thetas, o, None)
+    value_net = hatrpo.StateValue((8,), cfg.activation, cfg.layer_norm)
+    state = jax.random.normal(jax.random.PRNGKey(2), (5, 9))
+    v_params = value_net.init(jax.random.PRNGKey(3), state)
+    value = lambda s: value_net.apply(v_params, s)
+    same = [
+        np.allclose(f(x), f(3.0 * x - 2.0), atol=1e-4)
+        for f, x in ((logits, obs), (value, state))
+    ]
+    assert same == [layer_norm, layer_norm]
 
 
 # ------------------------------------------------------------ Fisher and CG
