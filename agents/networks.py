@@ -80,9 +80,7 @@ class Actor(nn.Module):
         return self.action_low + (self.action_high - self.action_low) * nn.sigmoid(out)
 
 
-def actor_for(
-    spec: Any, hidden: Sequence[int], activation: str, layer_norm: bool = False
-) -> Actor:
+def actor_for(spec: Any, hidden: Sequence[int], activation: str, layer_norm: bool = False) -> Actor:
     """The actor for an env spec (``envs.base.EnvSpec``): its action size, kind and box."""
     return Actor(
         hidden=hidden,

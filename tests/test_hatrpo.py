@@ -110,8 +110,7 @@ def test_layer_norm_networks_ignore_the_scale_and_offset_of_their_inputs(layer_n
     v_params = value_net.init(jax.random.PRNGKey(3), state)
     value = lambda s: value_net.apply(v_params, s)
     same = [
-        np.allclose(f(x), f(3.0 * x - 2.0), atol=1e-4)
-        for f, x in ((logits, obs), (value, state))
+        np.allclose(f(x), f(3.0 * x - 2.0), atol=1e-4) for f, x in ((logits, obs), (value, state))
     ]
     assert same == [layer_norm, layer_norm]
 
