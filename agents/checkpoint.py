@@ -123,6 +123,7 @@ def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
 # value that reproduces how those checkpoints were trained: such a checkpoint still matches
 # a config that leaves the new field at that value (and resumes).
 ADDED_FIELDS: dict[str, Any] = {
+    "algo.auto_reset": False,
     "algo.entropy_coef": 0.0,
     "algo.kl_anneal_env_steps": 0,
     "algo.kl_threshold_final": 0.001,

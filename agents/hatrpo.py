@@ -105,7 +105,10 @@ class HatrpoConfig:
     huber_delta: float = 10.0
     max_grad_norm: float = 10.0  # critic global-norm clip
     value_norm_beta: float = 0.99999
-    num_envs: int = 128  # parallel episodes per iteration (one batch, one update)
+    num_envs: int = 128  # parallel environments per iteration (one batch, one update)
+    # Reset an environment as soon as its episode ends, so all T·num_envs steps of a batch
+    # are real (short battles otherwise leave most of the batch as padding).
+    auto_reset: bool = False
     iterations_per_chunk: int = 25
 
     @classmethod
@@ -558,6 +561,76 @@ class Transition(NamedTuple):
     valid: jax.Array  # [] 0.0 for steps after the episode ended
 
 
+def collect(
+    env: MultiAgentEnv, head: PolicyHead, cfg: HatrpoConfig, thetas: Params, key: jax.Array
+) -> tuple[Transition, jax.Array]:
+    """T = ``episode_length`` steps of E = ``num_envs`` environments under the stochastic
+    policies ``thetas``: transitions [T, E, ...] and the mean per-agent return of the
+    episodes that ended in them.
+
+    Without ``auto_reset`` each environment plays one episode, padded to T after it
+    ends (``valid`` 0 there). With it, an environment that ends is reset on the spot and
+    every step is real; an episode still running at T is cut there and bootstrapped
+    from V. Either way only an episode's own step limit is a time limit: a done on its
+    step T − 1 bootstraps, any earlier done is terminal."""
+    spec = env.spec
+    n, T, E = spec.num_agents, spec.episode_length, cfg.num_envs
+    k_reset, k_steps = jax.random.split(key)
+    obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, E))
+    global_state = jax.vmap(env.global_state)
+
+    def restart(key, done, next_obs, env_state, state_after):
+        """Where ``done``, a fresh episode's observation, env state and global state."""
+        new_obs, new_env_state = jax.vmap(env.reset)(jax.random.split(key, E))
+        pick = lambda new, old: jnp.where(done.reshape(-1, *([1] * (old.ndim - 1))), new, old)
+        env_state = jax.tree_util.tree_map(pick, new_env_state, env_state)
+        return (
+            pick(new_obs, next_obs),
+            env_state,
+            pick(global_state(new_env_state), state_after),
+        )
+
+    def step(carry, key):
+        # The global state rides in the carry: each step's "after" is the next "before".
+        obs, env_state, state_before, alive, age, ret = carry
+        k_act, k_env = jax.random.split(key)
+        avail = jax.vmap(env.avail_actions)(env_state) if spec.discrete else None
+        actions = head.dist.sample(k_act, forward_team(head, thetas, obs, avail))
+        next_obs, env_state, reward, done, _ = jax.vmap(env.step)(
+            jax.random.split(k_env, E), env_state, actions
+        )
+        state_after = global_state(env_state)
+        tr = Transition(
+            obs,
+            actions,
+            avail,
+            reward,
+            state_before,
+            state_after,
+            (done & (age < T - 1)).astype(jnp.float32),
+            done.astype(jnp.float32),
+            alive.astype(jnp.float32),
+        )
+        ret = ret + reward * alive[:, None]
+        ended = done & alive
+        finished = jnp.where(ended[:, None], ret, 0.0)
+        if cfg.auto_reset:
+            next_obs, env_state, state_after = restart(
+                jax.random.fold_in(k_env, 1), done, next_obs, env_state, state_after
+            )
+            age = jnp.where(done, 0, age + 1)
+            ret = jnp.where(ended[:, None], 0.0, ret)
+        else:
+            alive, age = alive & ~done, age + 1
+        return (next_obs, env_state, state_after, alive, age, ret), (tr, finished, ended)
+
+    start = jnp.ones((E,), bool), jnp.zeros((E,), jnp.int32), jnp.zeros((E, n))
+    carry = (obs, env_state, global_state(env_state), *start)
+    _, (traj, finished, ended) = jax.lax.scan(step, carry, jax.random.split(k_steps, T))
+    episode_return = jnp.sum(finished) / jnp.maximum(n * jnp.sum(ended), 1.0)
+    return traj, episode_return
+
+
 class TrainState(struct.PyTreeNode):
     actor_params: Params  # stacked {"net": ...[, "log_std": [N, A]]}
     critic_params: Params  # one centralised V network (not stacked)
@@ -636,42 +709,6 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
         state share one compiled ``train_chunk`` (see MADDPG's ``init_committed``)."""
         return jax.device_put(jax.jit(init)(key), jax.devices()[0])
 
-    def collect(thetas: Params, key: jax.Array) -> Transition:
-        """E whole episodes under the stochastic policies: transitions [T, E, ...]."""
-        k_reset, k_steps = jax.random.split(key)
-        obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, E))
-        global_state = jax.vmap(env.global_state)
-
-        def step(carry, inp):
-            # The global state rides in the carry: each step's "after" is the next "before".
-            obs, env_state, state_before, alive = carry
-            key, t = inp
-            k_act, k_env = jax.random.split(key)
-            avail = jax.vmap(env.avail_actions)(env_state) if spec.discrete else None
-            actions = head.dist.sample(k_act, forward_team(head, thetas, obs, avail))
-            next_obs, env_state, reward, done, _ = jax.vmap(env.step)(
-                jax.random.split(k_env, E), env_state, actions
-            )
-            state_after = global_state(env_state)
-            # A done on the last step is the time limit, not a terminal state.
-            terminal = (done & (t < T - 1)).astype(jnp.float32)
-            tr = Transition(
-                obs,
-                actions,
-                avail,
-                reward,
-                state_before,
-                state_after,
-                terminal,
-                done.astype(jnp.float32),
-                alive.astype(jnp.float32),
-            )
-            return (next_obs, env_state, state_after, alive & ~done), tr
-
-        carry = (obs, env_state, global_state(env_state), jnp.ones((E,), bool))
-        _, traj = jax.lax.scan(step, carry, (jax.random.split(k_steps, T), jnp.arange(T)))
-        return traj
-
     def update_critic(state: TrainState, inputs, target_n, value_old_n, weight, key):
         """``critic_epoch`` × ``critic_minibatches`` clipped-Huber Adam steps (normalised units)."""
 
@@ -703,7 +740,7 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
 
     def iteration(state: TrainState, _):
         key, k_collect, k_order, k_critic = jax.random.split(state.key, 4)
-        traj = collect(state.actor_params, k_collect)
+        traj, episode_return = collect(env, head, cfg, state.actor_params, k_collect)
 
         mu, sigma = state.value_norm.stats()
         value = critic.apply(state.critic_params, traj.state) * sigma + mu  # [T, E]
@@ -747,9 +784,8 @@ def make_trainer(env: MultiAgentEnv, algo_cfg: Mapping[str, Any]) -> Trainer:
             valid,
             k_critic,
         )
-        episode_return = jnp.sum(traj.reward * traj.valid[..., None], axis=0)  # [E, N]
         metrics = {
-            "episode_return": jnp.mean(episode_return),
+            "episode_return": episode_return,
             "critic_loss": critic_loss,
             "kl": jnp.mean(infos.kl),
             "kl_bound": delta,

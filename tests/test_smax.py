@@ -173,6 +173,40 @@ def test_training_on_smax_takes_only_legal_actions(algo):
     assert int(jax.jit(jax.vmap(illegal))(jax.random.split(jax.random.PRNGKey(1), 8)).sum()) == 0
 
 
+@pytest.mark.parametrize("auto_reset", [False, True])
+def test_hatrpo_collector_pads_or_restarts_finished_battles(auto_reset):
+    """``algo.auto_reset``: a battle that ends is followed at once by a fresh one (every step
+    real) instead of padding; in both modes only a first battle's step T − 1 is a time limit
+    and the logged return is the mean over the battles that ended."""
+    env = make_env("smax", num_agents=3, continuous=False, map_name="3m")
+    cfg = hatrpo.HatrpoConfig(num_envs=8, auto_reset=auto_reset)
+    head = hatrpo.make_policy_head(env.spec, cfg)
+    thetas = hatrpo.init_actors(env.spec, cfg, jax.random.PRNGKey(0))
+    collect = jax.jit(lambda th, k: hatrpo.collect(env, head, cfg, th, k))
+    traj, episode_return = collect(thetas, jax.random.PRNGKey(1))
+    done, valid, terminal = (
+        np.asarray(x).astype(bool) for x in (traj.done, traj.valid, traj.terminal)
+    )
+    T = env.spec.episode_length
+    ended = done & valid  # [T, E]
+    same_battle = np.all(np.asarray(traj.state[1:] == traj.next_state[:-1]), axis=-1)
+    if auto_reset:
+        assert valid.all() and ended.sum() > 2 * cfg.num_envs
+        np.testing.assert_array_equal(same_battle, ~done[:-1])
+    else:
+        assert (ended.sum(axis=0) == 1).all() and same_battle.all()
+        assert not valid[np.cumsum(ended, axis=0) - ended > 0].any()  # padding after the end
+    first_battle = np.cumsum(done, axis=0) - done == 0
+    time_limit = first_battle & (np.arange(T) == T - 1)[:, None]
+    np.testing.assert_array_equal(terminal[valid], (done & ~time_limit)[valid])
+    battle_returns, running = [], np.zeros(cfg.num_envs)
+    for t in range(T):  # the reference: sum each battle's mean per-agent reward until it ends
+        running += np.asarray(traj.reward[t]).mean(axis=-1) * valid[t]
+        battle_returns += list(running[ended[t]])
+        running[ended[t]] = 0.0
+    assert float(episode_return) == pytest.approx(np.mean(battle_returns), rel=1e-5)
+
+
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     result = subprocess.run([str(FORENSICS), *args], capture_output=True, text=True,
                             timeout=timeout, check=False)  # fmt: skip
