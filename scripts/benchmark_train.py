@@ -22,7 +22,9 @@ environment transitions (one joint step of all agents), updates included.
 With ``--smax MAP`` it times training on a SMAX battle instead (``algo=maddpg_smax`` and
 ``algo=hatrpo_smax`` settings): both jitted trainers, against a Python loop that steps one
 SMAX battle at a time with the jitted env step and the jitted greedy actor and learns
-nothing (an upper bound on what a per-step training loop could reach).
+nothing (an upper bound on what a per-step training loop could reach). The padded rows
+count the inert steps after a battle ends; the ``auto_reset`` row's steps are all real
+battle steps (a finished battle restarts inside the rollout).
 
     .venv/bin/python scripts/benchmark_train.py [--num-agents 3] [--continuous]
     .venv/bin/python scripts/benchmark_train.py --smax 3s_vs_3z
@@ -161,6 +163,7 @@ def smax_main(map_name: str, chunks: int, loop_steps: int) -> None:
     for label, algo, extra in (
         ("MADDPG", "maddpg_smax", ["algo.warmup=0"]),
         ("HATRPO", "hatrpo_smax", []),
+        ("HATRPO auto_reset", "hatrpo_smax", ["algo.auto_reset=true"]),
     ):
         config = compose_config([f"env=smax_{map_name}", f"algo={algo}", *extra])
         env, trainer = build(config)
