@@ -579,16 +579,11 @@ def collect(
     obs, env_state = jax.vmap(env.reset)(jax.random.split(k_reset, E))
     global_state = jax.vmap(env.global_state)
 
-    def restart(key, done, next_obs, env_state, state_after):
-        """Where ``done``, a fresh episode's observation, env state and global state."""
+    def restart(key, done, next_obs, env_state):
+        """Where ``done``, a fresh episode's observation and env state."""
         new_obs, new_env_state = jax.vmap(env.reset)(jax.random.split(key, E))
         pick = lambda new, old: jnp.where(done.reshape(-1, *([1] * (old.ndim - 1))), new, old)
-        env_state = jax.tree_util.tree_map(pick, new_env_state, env_state)
-        return (
-            pick(new_obs, next_obs),
-            env_state,
-            pick(global_state(new_env_state), state_after),
-        )
+        return pick(new_obs, next_obs), jax.tree_util.tree_map(pick, new_env_state, env_state)
 
     def step(carry, key):
         # The global state rides in the carry: each step's "after" is the next "before".
@@ -615,9 +610,8 @@ def collect(
         ended = done & alive
         finished = jnp.where(ended[:, None], ret, 0.0)
         if cfg.auto_reset:
-            next_obs, env_state, state_after = restart(
-                jax.random.fold_in(k_env, 1), done, next_obs, env_state, state_after
-            )
+            next_obs, env_state = restart(jax.random.fold_in(k_env, 1), done, next_obs, env_state)
+            state_after = global_state(env_state)
             age = jnp.where(done, 0, age + 1)
             ret = jnp.where(ended[:, None], 0.0, ret)
         else:
