@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
 from envs.base import EnvSpec, MultiAgentEnv
-from envs.sc2 import Sc2Env
-from envs.simple_spread import SimpleSpread
-from envs.smax import Smax
 
+# name -> "module:class", imported on first use: the SC2 adapter pulls in the game's protocol
+# buffers, which a machine that only trains or diagnoses need not have (a GPU box, say).
 # "sc2" is the real game, stepped from Python: it evaluates policies, it does not train them.
-ENVS: dict[str, type] = {"simple_spread": SimpleSpread, "smax": Smax, "sc2": Sc2Env}
+ENVS: dict[str, str] = {
+    "simple_spread": "envs.simple_spread:SimpleSpread",
+    "smax": "envs.smax:Smax",
+    "sc2": "envs.sc2:Sc2Env",
+}
 JITTABLE_ENVS = ("simple_spread", "smax")
 MASKED_ENVS = ("smax", "sc2")  # envs whose legal actions change from step to step
 
@@ -25,7 +29,8 @@ def make_env(name: str, num_agents: int, continuous: bool, **options: Any) -> Mu
         raise ValueError(f"env.name: unknown environment {name!r}; expected one of {sorted(ENVS)}")
     if num_agents < 2:
         raise ValueError(f"env.num_agents: expected an integer >= 2, got {num_agents}")
-    cls = ENVS[name]
+    module, cls_name = ENVS[name].split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
     known = set(inspect.signature(cls).parameters) - {"num_agents", "continuous"}
     for key in sorted(set(options) - known):
         raise ValueError(
