@@ -40,6 +40,7 @@ import pandas as pd
 
 from agents import attacks
 from agents.attacks import START_MODES, Attack, Params, Step, Target, Team
+from agents.precision import float32_matmuls
 from envs.base import EnvSpec, MultiAgentEnv
 
 
@@ -241,7 +242,8 @@ def make_rollout(
     are targets with window 0 (``attacks.clean_target``).
     """
 
-    batched = jax.jit(_batched(partial(_episode, env, team, attack)))
+    # float32 products: the same episodes on a GPU as on the CPU (agents/precision.py)
+    batched = float32_matmuls(jax.jit(_batched(partial(_episode, env, team, attack))))
 
     def rollout(actor_params, critic_params, keys, targets):
         check_params(attack, team, critic_params)
@@ -410,7 +412,7 @@ def make_protocol(
         )
         return clean, attacked, cls, fell
 
-    jitted = jax.jit(protocol)
+    jitted = float32_matmuls(jax.jit(protocol))  # onsets from the sign of D: full float32
 
     def run(actor_params, critic_params, seeds):
         check_params(attack, team, critic_params)

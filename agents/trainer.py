@@ -18,6 +18,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import jax
 
+from agents.precision import float32_matmuls
+
 TrainState = Any  # a flax.struct pytree owned by the algorithm
 ConfigT = TypeVar("ConfigT")
 
@@ -36,11 +38,11 @@ def make_trainer(algo_name: str, env: Any, algo_cfg: Mapping[str, Any]) -> Train
     if algo_name == "maddpg":
         from agents import maddpg
 
-        return maddpg.make_trainer(env, algo_cfg)
+        return _float32(maddpg.make_trainer(env, algo_cfg))
     if algo_name == "hatrpo":
         from agents import hatrpo
 
-        return hatrpo.make_trainer(env, algo_cfg)
+        return _float32(hatrpo.make_trainer(env, algo_cfg))
     raise ValueError(
         f"algo.name: unknown algorithm {algo_name!r}; expected one of: {', '.join(ALGORITHMS)}"
     )
@@ -96,3 +98,11 @@ def coerce_field(name: str, value: Any, default: Any, section: str = "algo") -> 
     except (TypeError, ValueError):
         kind = "a list of ints" if isinstance(default, tuple) else type(default).__name__
         raise ValueError(f"{section}.{name} must be {kind}, got {value!r}") from None
+
+
+def _float32(trainer: Trainer) -> Trainer:
+    """Training chunks with full float32 matrix products (``agents.precision``): a GPU's
+    default TF32 products make one chunk's parameters differ from the CPU's by up to 98× the
+    float32 tolerance (H200, tests/numerics.py cases), so a seed would train a different
+    policy on each backend."""
+    return trainer._replace(train_chunk=float32_matmuls(trainer.train_chunk))

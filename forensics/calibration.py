@@ -123,6 +123,12 @@ def normalise(
         raise ValueError(
             f"scores: shape {x.shape} is not covered by the calibration (T ≤ {t_cal}, N = {n_cal})"
         )
+    return standardise(x, norm, valid, min_count)
+
+
+def standardise(x: jax.Array, norm: Normaliser, valid: jax.Array, min_count: int = 2) -> jax.Array:
+    """``normalise`` without its checks (traceable: no host sync): for callers that have
+    already removed non-finite episodes from ``valid`` and fixed the shapes."""
     t = x.shape[1]
     dev = jnp.maximum(x, norm.floor[:t]) - norm.mu[:t]
     z = (jnp.abs(dev) if norm.two_sided else dev) / norm.sigma[:t]

@@ -56,14 +56,15 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from agents.precision import float32_matmuls
 from agents.sharding import batch_mesh, replicated, shard_batch
 from configs.schema import ConfigError
 from envs import MASKED_ENVS
 from forensics.calibration import (
     Calibration,
     budget_calibration,
-    normalise,
     paper_calibration,
+    standardise,
 )
 from forensics.stage1 import (
     Onsets,
@@ -323,6 +324,7 @@ def rolling_max(x: jax.Array, window: int, axis: int = 1) -> jax.Array:
     return jnp.moveaxis(out, 0, axis)
 
 
+@float32_matmuls  # agents/precision.py: TF32 would swamp the Taylor remainder and curvature
 @partial(jax.jit, static_argnames=("inst", "evidence_window", "evidence"))
 def measure(
     inst: Instruments,
@@ -501,13 +503,17 @@ def first_flag(z: jax.Array, threshold: jax.Array, valid: jax.Array, *, debounce
 
 
 def normalised(cal: Calibration, x: jax.Array, valid: jax.Array) -> jax.Array:
-    return normalise(x, cal.norm, valid)
+    """z of a measured batch: ``valid`` already excludes its non-finite episodes (``Measures.
+    finite``), so the checks of ``normalise`` cannot fire and are skipped (no host sync)."""
+    return standardise(x, cal.norm, valid)
 
 
+@partial(jax.jit, static_argnames=("cfg",))
 def decide_all(
     cals: Calibrations, cfg: DiagnoseConfig, m: Measures, valid: jax.Array
 ) -> tuple[dict[str, Decision], dict[str, tuple], dict[str, jax.Array]]:
-    """Decisions of both calibrations, both baselines, and the z arrays, for one batch."""
+    """Decisions of both calibrations, both baselines, and the z arrays, for one batch: one
+    jitted program (no host round trip), so the next batch can be queued behind it."""
     decisions, zs = {}, {}
     for name in CALIBRATIONS:
         cal: Calibration = getattr(cals, name)
@@ -627,6 +633,8 @@ def check_disjoint(scored_seeds: np.ndarray, calib_seeds: np.ndarray, where: Pat
 def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Repeat the last episode until the batch holds ``size`` (fixed shapes: one compile)."""
     n = len(batch["episode_id"])
+    if n == size:  # a full batch: no copy
+        return dict(batch)
     return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
 
 
@@ -836,40 +844,61 @@ def score_batches(
     Keys: ``episode_id``, ``seed``, ``ok``, per-step ``raw``/``smooth``/``q`` and ``z_<name>``,
     and per calibration / baseline ``<name>.<field>``. ``on_batch`` sees each batch's host
     arrays (graph files are written from there, so memory stays per-batch for the graphs).
+
+    One batch is kept in flight: batch k + 1 is read, sent and queued on the device before
+    batch k's results are copied back, so the device computes while the host reads the store
+    and converts results. Timings: ``first_batch_s`` until the first batch's results are on
+    the host (compilation included), ``steady_s`` the rest.
     """
     out: dict[str, list[np.ndarray]] = {}
     timings = {"first_batch_s": 0.0, "steady_s": 0.0, "batches": 0}
-    for batch in batches:
-        t0 = time.perf_counter()
-        m, valid, n = _measure_batch(model, cfg, key, batch)
-        decisions, baselines, zs = decide_all(cals, cfg, m, valid)
-        host: dict[str, np.ndarray] = {
-            "episode_id": batch["episode_id"],
-            "seed": batch["seed"],
-            "ok": np.asarray(m.finite[:n]),
-            **{k: np.asarray(getattr(m, k)[:n]) for k in PER_STEP},
-            **{f"z_{k}": np.asarray(z[:n]) for k, z in zs.items()},
-        }
-        for name, d in decisions.items():
-            host.update({f"{name}.{k}": v[:n] for k, v in _host(d).items()})
-        for name, (cand, t_det, on) in baselines.items():
-            host.update(
-                {
-                    f"{name}.candidate": np.asarray(cand[:n]),
-                    f"{name}.t_det": np.asarray(t_det[:n]),
-                    f"{name}.agent_t_det": np.asarray(on.t_det[:n]),
-                }
-            )
-        elapsed = time.perf_counter() - t0  # np.asarray above waited for the device
-        timings["first_batch_s" if timings["batches"] == 0 else "steady_s"] += elapsed
+    start = time.perf_counter()
+
+    def collect(batch, queued) -> None:
+        host = _batch_host(batch, *queued)
+        if timings["batches"] == 0:
+            timings["first_batch_s"] = time.perf_counter() - start
         timings["batches"] += 1
         if on_batch is not None:
             on_batch(host)
         for k, v in host.items():
             out.setdefault(k, []).append(v)
+
+    pending = None
+    for batch in batches:
+        m, valid, n = _measure_batch(model, cfg, key, batch)
+        queued = (batch, (m, n, *decide_all(cals, cfg, m, valid)))  # asynchronous
+        if pending is not None:
+            collect(*pending)
+        pending = queued
+    if pending is not None:
+        collect(*pending)
+    timings["steady_s"] = time.perf_counter() - start - timings["first_batch_s"]
     if not out:
         raise StoreError("store: no episodes to diagnose")
     return {k: np.concatenate(v) for k, v in out.items()}, timings
+
+
+def _batch_host(batch, m: Measures, n: int, decisions, baselines, zs) -> dict[str, np.ndarray]:
+    """One batch's results as host arrays (the real ``n`` episodes; padding dropped)."""
+    host: dict[str, np.ndarray] = {
+        "episode_id": batch["episode_id"],
+        "seed": batch["seed"],
+        "ok": np.asarray(m.finite[:n]),
+        **{k: np.asarray(getattr(m, k)[:n]) for k in PER_STEP},
+        **{f"z_{k}": np.asarray(z[:n]) for k, z in zs.items()},
+    }
+    for name, d in decisions.items():
+        host.update({f"{name}.{k}": v[:n] for k, v in _host(d).items()})
+    for name, (cand, t_det, on) in baselines.items():
+        host.update(
+            {
+                f"{name}.candidate": np.asarray(cand[:n]),
+                f"{name}.t_det": np.asarray(t_det[:n]),
+                f"{name}.agent_t_det": np.asarray(on.t_det[:n]),
+            }
+        )
+    return host
 
 
 def split(host: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -128,6 +128,8 @@ def numerics_section(b: Bench) -> None:
     stored, ref = numerics.load()
     cases = ("measure",) if b.dry else numerics.CASES
     ref = {k: v for k, v in ref.items() if k.split("/")[0] in cases}
+    # "default": as the code runs (forensics and training pin float32 products themselves,
+    # agents/precision.py); "highest": every product in float32, the code's pins aside
     for precision in ("highest",) if b.dry else ("default", "highest"):
         with jax.default_matmul_precision(None if precision == "default" else "highest"):
             rows = numerics.compare(numerics.outputs(stored, cases), ref)
@@ -238,6 +240,7 @@ def diagnose_section(b: Bench, sizes: Sizes, probe: str, chunks, model: dg.Model
     key = jax.random.PRNGKey(cfg.probe_seed)
     _, cold = timed(lambda: dg.calibrate(model, cfg, calib, key))
     (cals, _), warm = timed(lambda: dg.calibrate(model, cfg, calib, key))
+    measure_alone(b, sizes, probe, chunks, model, cfg, key)
     for total in sizes.totals:
         scored = chunks[: total // sizes.chunk]
         if b.left() < 30:
@@ -261,6 +264,29 @@ def diagnose_section(b: Bench, sizes: Sizes, probe: str, chunks, model: dg.Model
             },
             episodes=total,
         )
+
+
+def measure_alone(b: Bench, sizes: Sizes, probe: str, chunks, model: dg.Model, cfg, key) -> None:
+    """``measure`` on device-resident batches of the largest size: the device's share of
+    ``score_batches`` (the rest is host work: store layout, transfers, decisions to numpy)."""
+    fields = ("obs_perceived", "actions", "rewards", "valid")
+    scored = [
+        tuple(jnp.asarray(c[f]) for f in fields) for c in chunks[: max(sizes.totals) // sizes.chunk]
+    ]
+    run = lambda c: dg.measure(
+        model.instruments, model.params, *c, key,
+        evidence_window=cfg.evidence_window, evidence=cfg.evidence,
+    )  # fmt: skip
+    timed(lambda: run(scored[0]))
+    seconds = sum(timed(partial(run, c))[1] for c in scored[1:])
+    episodes = sizes.chunk * (len(scored) - 1)
+    e, t, n = chunks[0]["obs_perceived"].shape[:3]
+    rate = episodes / seconds if seconds else float("nan")
+    b.rows(
+        f"measure:{probe}",
+        {"episodes_per_s": rate, "hvp_per_s": rate * t * n * (n + 1)},
+        episodes=episodes,
+    )
 
 
 # ------------------------------------------------------------------ 5. training
