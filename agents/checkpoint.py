@@ -10,13 +10,25 @@ A run directory holds ``checkpoints/<env_steps>/`` with three items:
 Orbax writes each step into a temporary directory and renames it once every item is
 complete, so a process killed mid-save (``kill -9``) leaves the previous checkpoint
 intact and the half-written one invisible to ``latest_step``.
+
+Orbax does not checksum what it wrote: a flipped bit in a parameter file restores silently.
+So every save also records the sha256 of each item (``HASH_FILE``, via
+``forensics.store.checkpoint_identity``, the same hash an episode store binds to), and every
+load (``load_policy``, ``restore_train``) verifies the items it reads against it. A
+checkpoint whose hashes differ, whose files are missing or that Orbax cannot read is
+*damaged*: loading falls back to the newest intact older checkpoint with a warning naming
+both, or fails with one ``CheckpointError`` line naming the directory. Checkpoints saved
+before hashes were recorded load unverified, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+import json
+import shutil
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,12 +37,25 @@ import orbax.checkpoint as ocp
 
 from configs.schema import ConfigError
 from envs import EnvSpec, MultiAgentEnv, make_env
-from forensics.store import current_code_version
+from forensics.store import (
+    CheckpointError,
+    StoreError,
+    atomic_write,
+    checkpoint_identity,
+    current_code_version,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 # Config sections a checkpoint is bound to: resuming or evaluating under a different value
 # of any of these would silently mix two experiments.
 BOUND_SECTIONS = ("env", "algo", "seed")
+ITEMS = ("state", "policy", "meta")
+# sha256 of every item of a step, written once Orbax has committed the step. ``meta``
+# records its name, so a checkpoint that should have one but lost it counts as damaged.
+HASH_FILE = "content_sha256.json"
+# where training moves a damaged checkpoint it resumed past (outside checkpoints/, which
+# Orbax owns), so that the step can be saved again
+DAMAGED_DIR = "damaged_checkpoints"
 
 
 def make_meta(
@@ -44,6 +69,7 @@ def make_meta(
         "env_steps": env_steps,
         "chunk": chunk,
         "code_version": current_code_version(),
+        "content_hashes": HASH_FILE,
     }
 
 
@@ -77,37 +103,155 @@ def save(
         ),
     )
     mngr.wait_until_finished()
+    step_dir = Path(mngr.directory) / str(meta["env_steps"])
+    hashes = {item: checkpoint_identity(step_dir / item)["sha256"] for item in ITEMS}
+    atomic_write(step_dir / HASH_FILE, json.dumps({"sha256": hashes}, indent=1) + "\n")
 
 
-def latest_meta(mngr: ocp.CheckpointManager) -> dict[str, Any] | None:
-    """Metadata of the newest complete checkpoint, or None if there is none."""
-    step = mngr.latest_step()
-    if step is None:
+class Damaged(Exception):
+    """One checkpoint step is damaged (internal: ``newest_intact`` falls back past it)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160] if text else ''}"
+
+
+def verify_items(step_dir: Path, items: Sequence[str]) -> dict[str, dict[str, str]] | None:
+    """Check ``items`` of one step against its recorded hashes; returns their identities
+    (``checkpoint_identity``), or None for a checkpoint saved before hashes were recorded.
+    Raises ``Damaged`` naming the first item that is missing or differs."""
+    recorded_file = step_dir / HASH_FILE
+    if not recorded_file.is_file():
+        try:
+            meta = json.loads((step_dir / "meta" / "metadata").read_text())
+        except (OSError, ValueError) as err:
+            raise Damaged(f"meta is unreadable ({_first_line(err)})") from None
+        if meta.get("content_hashes"):
+            raise Damaged(f"{HASH_FILE} is missing (its meta says it was written)")
         return None
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+        recorded = json.loads(recorded_file.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise Damaged(f"{HASH_FILE} is unreadable ({_first_line(err)})") from None
+    identities = {}
+    for item in items:
+        try:
+            ident = checkpoint_identity(step_dir / item)
+        except StoreError:
+            raise Damaged(f"item {item}/ is missing or empty") from None
+        if ident["sha256"] != recorded.get(item):
+            raise Damaged(f"item {item}/ has sha256 {ident['sha256'][:12]}, {HASH_FILE} "
+                          f"recorded {str(recorded.get(item))[:12]}")  # fmt: skip
+        identities[item] = ident
+    return identities
 
 
-def restore_state(
-    mngr: ocp.CheckpointManager, abstract_state: Any, meta: Mapping[str, Any] | None = None
-) -> Any:
-    """The newest TrainState, with the structure/shapes/dtypes of ``abstract_state``.
+def newest_intact(
+    mngr: ocp.CheckpointManager, items: Sequence[str], attempt: Callable[[int], Any]
+) -> tuple[int, Any, dict[str, dict[str, str]] | None, list[tuple[int, str]]]:
+    """(step, ``attempt(step)``, item identities, damaged newer steps) for the newest step
+    whose ``items`` verify and that ``attempt`` restores.
+
+    A step is skipped as damaged when its hashes differ or its files are missing
+    (``verify_items``) or when Orbax fails to read it; falling back warns, naming the
+    damaged checkpoint and the one used. ``ConfigError`` from ``attempt`` (a checkpoint of
+    another config or layout: not damage) propagates at once. No intact step: one
+    ``CheckpointError`` line."""
+    root = Path(mngr.directory)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise CheckpointError(f"{root}: no complete checkpoint")
+    damaged: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            identities = verify_items(root / str(step), items)
+            try:
+                result = attempt(step)
+            except (ConfigError, CheckpointError):
+                raise
+            except Exception as err:  # noqa: BLE001 -- Orbax/TensorStore raise many types
+                raise Damaged(f"Orbax cannot read it ({_first_line(err)})") from None
+        except Damaged as err:
+            damaged.append((step, str(err)))
+            continue
+        if damaged:
+            newest, why = damaged[0]
+            warnings.warn(
+                f"checkpoint {root / str(newest)} is damaged ({why}); using the newest intact "
+                f"one, {root / str(step)}"
+                + (f" ({len(damaged) - 1} more damaged)" if len(damaged) > 1 else ""),  # fmt: skip
+                CheckpointWarning,
+                stacklevel=3,
+            )
+        if identities is None:
+            warnings.warn(
+                f"checkpoint {root / str(step)}: saved before content hashes were recorded; "
+                "loaded unverified",
+                CheckpointWarning,
+                stacklevel=3,
+            )
+        return step, result, identities, damaged
+    newest, why = damaged[0]
+    others = f"; the {len(damaged) - 1} older one(s) too" if len(damaged) > 1 else ""
+    raise CheckpointError(f"checkpoint {root / str(newest)} is damaged: {why}{others}")
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped, or one was loaded without hashes to verify."""
+
+
+def move_damaged(run_dir: Path, damaged: Sequence[tuple[int, str]]) -> None:
+    """Move damaged steps out of ``checkpoints/`` into ``DAMAGED_DIR/`` (kept for
+    inspection): training resumed from an older step saves those steps again."""
+    for step, _ in damaged:
+        src = Path(run_dir).resolve() / CHECKPOINT_DIR / str(step)
+        dst = Path(run_dir).resolve() / DAMAGED_DIR / str(step)
+        dst.parent.mkdir(exist_ok=True)
+        shutil.rmtree(dst, ignore_errors=True)
+        src.rename(dst)
+
+
+class Resumed(NamedTuple):
+    step: int
+    state: Any
+    meta: dict[str, Any]
+    damaged: list[tuple[int, str]]
+
+
+def restore_train(
+    mngr: ocp.CheckpointManager, abstract_state: Any, config: Mapping[str, Any], where: str
+) -> Resumed | None:
+    """The newest intact checkpoint's TrainState (structure/shapes/dtypes of
+    ``abstract_state``) and meta, after ``check_compatible``; None for a run without any.
 
     A train state saved by code whose state layout differs (e.g. a replay buffer without
     a field this version records) cannot resume: ``ConfigError`` names the checkpoint and
     the code version that wrote it. Its policy still loads (``load_policy``)."""
-    step = mngr.latest_step()
-    try:
-        restored = mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
-    except ValueError as err:
-        version = (meta or {}).get("code_version", "an unknown code version")
-        raise ConfigError(
-            f"{mngr.directory}/{step}: the train state was saved by code {version} with another "
-            f"layout ({str(err).splitlines()[0][:120]}); resume it with that version, or start "
-            "a new run (another out_dir= or run_name=); its policy still evaluates and attacks"
-        ) from None
-    return restored["state"]
+    if mngr.latest_step() is None:
+        return None
+
+    def attempt(step: int) -> tuple[Any, dict[str, Any]]:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        check_compatible(meta, config, where)
+        try:
+            restored = mngr.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )
+        except ValueError as err:
+            # Orbax's ValueError on bytes whose hashes verified (or that predate hashes, as
+            # before) is a tree of another layout, not damage
+            version = meta.get("code_version", "an unknown code version")
+            raise ConfigError(
+                f"{mngr.directory}/{step}: the train state was saved by code {version} with "
+                f"another layout ({str(err).splitlines()[0][:120]}); resume it with that "
+                "version, or start a new run (another out_dir= or run_name=); its policy "
+                "still evaluates and attacks"
+            ) from None
+        return restored["state"], meta
+
+    step, (state, meta), _, damaged = newest_intact(mngr, ITEMS, attempt)
+    return Resumed(step, state, meta, damaged)
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -158,6 +302,9 @@ class Policy(NamedTuple):
     config: dict[str, Any]  # the run's resolved config
     env_steps: int
     run_dir: Path
+    # checkpoint_identity of the policy item: what episode stores bind to (None: not loaded
+    # by load_policy)
+    identity: dict[str, str] | None = None
 
 
 def env_from_config(config: Mapping[str, Any]) -> MultiAgentEnv:
@@ -171,16 +318,19 @@ def load_policy(run_dir: str | Path, config: Mapping[str, Any] | None = None) ->
     """
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT_DIR).is_dir():
-        raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT_DIR}/ here; is this a run directory?")
+        raise CheckpointError(f"{run_dir}: no {CHECKPOINT_DIR}/ here; is this a run directory?")
     mngr = manager(run_dir)
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR}: no complete checkpoint")
-    restored = mngr.restore(
+    restore = lambda step: mngr.restore(
         step,
         args=ocp.args.Composite(meta=ocp.args.JsonRestore(), policy=ocp.args.StandardRestore()),
     )
+    step, restored, identities, _ = newest_intact(mngr, ("policy", "meta"), restore)
     meta = restored["meta"]
+    identity = (
+        identities["policy"]
+        if identities
+        else checkpoint_identity(run_dir / CHECKPOINT_DIR / str(step) / "policy")
+    )
     if config is not None:
         check_compatible(meta, config, str(run_dir))
     env = env_from_config(meta["config"])
@@ -190,7 +340,7 @@ def load_policy(run_dir: str | Path, config: Mapping[str, Any] | None = None) ->
             f"{run_dir}: env_spec: the checkpoint's {saved_spec} differs from what this code "
             f"builds for the same config, {env.spec}"
         )
-    return Policy(env, restored["policy"], meta["config"], meta["env_steps"], run_dir)
+    return Policy(env, restored["policy"], meta["config"], meta["env_steps"], run_dir, identity)
 
 
 def policy_item(policy: Policy) -> Path:

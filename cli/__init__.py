@@ -80,29 +80,64 @@ def one_line(err: BaseException) -> str:
     return " ".join(lines) or type(err).__name__
 
 
+# The exit status of every `forensics` command, one per class of error (the one home of
+# this table: `forensics --help` and the README show it). Scripts and CI can tell "fix
+# your config" from "your data is damaged" from "a bug" without parsing messages.
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_CONFIG, EXIT_DATA, EXIT_CHECKPOINT = 0, 1, 2, 3, 4, 5
+EXIT_MISSING_GAME, EXIT_INTERRUPTED = 6, 130
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success",
+    EXIT_BUG: "internal error: a bug, printed with its traceback",
+    EXIT_USAGE: "bad command line (unknown option, missing argument)",
+    EXIT_CONFIG: "bad config value, override or seed, or one the checkpoint disagrees with",
+    EXIT_DATA: "episode store or diagnosis invalid, damaged or incomplete (partial data)",
+    EXIT_CHECKPOINT: "checkpoint missing or damaged (content hash, unreadable) with no intact "
+    "older one",
+    EXIT_MISSING_GAME: "StarCraft II, its maps or pysc2 not installed (sc2-evaluate, sc2-rollout)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); what was committed is kept",
+}
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit status of a one-line error (see ``EXIT_CODES``)."""
+    from forensics.store import CheckpointError, StoreError
+
+    if isinstance(err, CheckpointError):
+        return EXIT_CHECKPOINT
+    if isinstance(err, StoreError | FileNotFoundError):
+        return EXIT_DATA
+    return EXIT_CONFIG  # ConfigError, Hydra's errors, other bad values
+
+
 @contextlib.contextmanager
 def one_line_errors(*also: type[Exception]) -> Iterator[None]:
     """Bad input — a config value or override (``ConfigError``, Hydra's errors), a store
-    (``StoreError``), a missing file, or one of the exception types ``also`` names — ends
-    the command with ``error: <one line>`` on stderr and exit status 1. Anything else is a
-    bug and keeps its traceback."""
+    (``StoreError``), a checkpoint (``CheckpointError``), a missing file, or one of the
+    exception types ``also`` names — ends the command with ``error: <one line>`` on stderr
+    and its class's exit status (``exit_code``). Warnings print as ``warning: <one line>``.
+    Anything else is a bug and keeps its traceback."""
+    import warnings
+
     import typer
     from hydra.errors import HydraException
 
-    from forensics.store import StoreError
+    from forensics.store import CheckpointError, StoreError
 
-    try:
-        yield
-    except (HydraException, StoreError, FileNotFoundError, *also) as err:
-        typer.echo(f"error: {one_line(err)}", err=True)
-        raise typer.Exit(1) from None
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *a, **k: typer.echo(f"warning: {message}", err=True)
+        try:
+            yield
+        except (HydraException, StoreError, CheckpointError, FileNotFoundError, *also) as err:
+            typer.echo(f"error: {one_line(err)}", err=True)
+            raise typer.Exit(exit_code(err)) from None
 
 
 @contextlib.contextmanager
 def recording_errors(out: Any) -> Iterator[None]:
     """What a command that appends episodes to the store ``out`` does on bad input (a
-    config, an override, a value or a missing file: ``error: <one line>``, exit 1) and on
-    Ctrl-C (what was committed stays: re-running the same command resumes; exit 130)."""
+    config, an override, a value, a store, a checkpoint or a missing file: ``error: <one
+    line>``, its ``exit_code``) and on Ctrl-C (what was committed stays: re-running the
+    same command resumes; exit 130)."""
     import typer
 
     try:
@@ -114,4 +149,4 @@ def recording_errors(out: Any) -> Iterator[None]:
             "to resume",
             err=True,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None

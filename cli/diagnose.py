@@ -46,8 +46,10 @@ Writes DIAG_DIR (default `STORE/diagnosis`), replaced as a whole only when compl
 scores, z of every calibration, thresholds), `graphs/<episode_id>.json` (one contagion
 graph per episode), `summary.json` (resolved config, code version, checkpoint, stores,
 calibration, timings, command). Episodes whose scores are not finite (NaN/inf in the
-store) are kept as `status = skipped: …` rows, never given a verdict; unreadable
-chunks of a store are skipped with a warning and listed in the summary.
+store) are kept as `status = skipped: …` rows, never given a verdict. A missing,
+truncated or unreadable chunk is an error (exit 4) naming it; with `--allow-partial` it is
+skipped with a warning, and the table title and `summary.json` (`coverage`) say how many
+episodes the verdicts cover.
 
 Arguments after STORE are Hydra overrides of the `forensics` config
 (configs/forensics/default.yaml): `forensics.calibration.alpha=0.01`,
@@ -97,6 +99,14 @@ def diagnose(
         typer.Option("--out", "-o", help="Output directory [default: STORE/diagnosis]."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress spinner.")] = True,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Diagnose the readable chunks of a store with missing or damaged ones "
+            "(default: refuse); the table title and summary.json say how many episodes.",
+        ),
+    ] = False,
 ) -> None:
     from rich.console import Console
 
@@ -118,6 +128,7 @@ def diagnose(
                 summary = run_diagnosis(
                     store, run_dir, calibration, partial, config,
                     log=lambda line: status.print(line, highlight=False),
+                    allow_partial=allow_partial,
                 )  # fmt: skip
             summary["command"] = invocation(ctx)
             (partial / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -222,7 +233,8 @@ def _report(console, out: Path, summary: dict[str, Any]) -> None:
         "reward": "baseline: reward drop",
         "actdev": "baseline: action deviation",
     }
-    view = Table(title="Verdicts (no ground truth used)", box=box.SIMPLE_HEAD)
+    view = Table(title=f"Verdicts (no ground truth used){coverage_note(summary)}",
+                 box=box.SIMPLE_HEAD)  # fmt: skip
     for header in ("detector", "flagged", "Stage 2 overrules", "mean t_det"):
         view.add_column(header, justify="left" if header == "detector" else "right")
     for name in (*CALIBRATIONS, *BASELINES):
@@ -240,6 +252,15 @@ def _report(console, out: Path, summary: dict[str, Any]) -> None:
         )
     console.print(view)
     console.print(f"Wrote {out}: verdicts.parquet, scores.npz, summary.json, graphs/")
+
+
+def coverage_note(summary: dict[str, Any]) -> str:
+    """``"; PARTIAL: 195 of 260 episodes"`` for a diagnosis made with ``--allow-partial``
+    that left chunks out, else ``""``: a partial result says so wherever it is shown."""
+    cov = summary.get("coverage") or {}
+    if not cov.get("partial"):
+        return ""
+    return f"; PARTIAL: {cov['episodes']:,} of {cov['listed']:,} episodes (--allow-partial)"
 
 
 def register(app: typer.Typer) -> None:

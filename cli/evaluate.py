@@ -38,6 +38,11 @@ Prints the table (rates in %) and writes it with `--out` (Parquet, every column,
 diagnoses recorded in its metadata) and `--markdown` (every column, with a legend).
 Both files are replaced atomically.
 
+A diagnosis that covers fewer episodes than its store lists (made with `--allow-partial`, or
+a store damaged or appended since) is refused (exit 4); `--allow-partial` scores the
+episodes it has, and every table title, the Markdown header and the Parquet metadata
+(`coverage`) say how many.
+
 Examples:
 
 * `forensics evaluate stores/ss3-worst/diagnosis`
@@ -82,6 +87,14 @@ def evaluate(
     markdown: Annotated[
         Path | None, typer.Option("--markdown", "-m", help="Write the table as Markdown here.")
     ] = None,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-partial",
+            help="Score a diagnosis that covers fewer episodes than its store lists, or a "
+            "store with unreadable chunks (default: refuse); every title says how many.",
+        ),
+    ] = False,
 ) -> None:
     from rich.console import Console
 
@@ -93,9 +106,10 @@ def evaluate(
     console = Console()
     diag_dirs = [diagnosis_dir(d) for d in diag_dirs]
     with one_line_errors():
-        table = ev.evaluate(diag_dirs)
+        table = ev.evaluate(diag_dirs, allow_partial=allow_partial)
+    note = partial_note(table.attrs.get("coverage", []))
     for title, columns in VIEWS.items():
-        console.print(_view(table, title, columns))
+        console.print(_view(table, title + note, columns))
     console.print(
         "Rates in %. deployable: our claim, nothing decided from the ground truth. "
         f"† {ev.ORACLE_LABEL}: the paper's protocol runs Stage 2 only on the episodes the "
@@ -105,12 +119,23 @@ def evaluate(
         meta = {
             "diagnoses": [str(d.resolve()) for d in diag_dirs],
             "code_version": current_code_version(),
+            "coverage": table.attrs.get("coverage", []),
         }
         console.print(f"Wrote {write_table(table, out, metadata=meta)}")
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(markdown, ev.markdown(table).encode())
+        header = f"**{note.lstrip('; ')}**\n\n" if note else ""
+        atomic_write(markdown, (header + ev.markdown(table)).encode())
         console.print(f"Wrote {markdown}")
+
+
+def partial_note(coverage: list[dict]) -> str:
+    """``"; PARTIAL: 816 of 1,200 episodes"`` when a diagnosis covers fewer episodes than its
+    store lists (only reachable with ``--allow-partial``), else ``""``."""
+    if not any(c["partial"] for c in coverage):
+        return ""
+    have, listed = sum(c["episodes"] for c in coverage), sum(c["listed"] for c in coverage)
+    return f"; PARTIAL: {have:,} of {listed:,} episodes (--allow-partial)"
 
 
 def _view(table, title: str, columns: tuple[str, ...]):

@@ -235,7 +235,7 @@ def evaluate_policy(
         ),
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-e", min=2, help="Episodes.")] = 500,
-    seed: Annotated[int, typer.Option(help="Seed of the evaluation episodes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the evaluation episodes, in [0, 2**31).")] = 0,
 ) -> None:
     """Evaluate a trained run, or every run of a sweep: mean per-agent return ± 95 % CI.
 
@@ -255,20 +255,19 @@ def evaluate_policy(
     * `forensics evaluate-policy runs/simple_spread_3-maddpg-seed0 --episodes 500`
     * `forensics evaluate-policy --sweep runs/sweeps/grid --episodes 500`
     """
-    from cli import enable_compilation_cache
+    from cli import EXIT_USAGE, enable_compilation_cache, one_line_errors
+    from configs.schema import check_seed
 
     if (run_dir is None) == (sweep is None):
         typer.echo("error: give either RUN_DIR or --sweep SWEEP_DIR (one of them)", err=True)
-        raise typer.Exit(2)
-    enable_compilation_cache()
-    try:
+        raise typer.Exit(EXIT_USAGE)
+    with one_line_errors(ValueError):
+        check_seed(seed, "--seed")
+        enable_compilation_cache()
         if sweep is not None:
             runs, summary = sweep_table(sweep, episodes, seed)
         else:
             result = evaluate(run_dir, episodes, seed)
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     if sweep is None:
         typer.echo(summary_line(result))
         typer.echo(f"Wrote {run_dir / EVALUATION_FILE}")

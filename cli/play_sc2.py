@@ -136,13 +136,15 @@ def sc2_evaluate(
 
     * `forensics sc2-evaluate runs/smax_3s_vs_3z-hatrpo-seed0 --map 3s_vs_3z --episodes 20`
     """
+    from cli import EXIT_MISSING_GAME, one_line_errors
     from envs.sc2 import Sc2InstallError
 
     try:
-        result = evaluate_in_sc2(run_dir, map_name, episodes, sc2path, seed, difficulty)
-    except (Sc2InstallError, FileNotFoundError, ValueError) as err:
+        with one_line_errors(ValueError):
+            result = evaluate_in_sc2(run_dir, map_name, episodes, sc2path, seed, difficulty)
+    except Sc2InstallError as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_MISSING_GAME) from None
     win, half = 100 * result["win_rate"], 100 * result["win_rate_ci95_half_width"]
     typer.echo(
         f"StarCraft II {map_name} vs built-in AI ({difficulty}), {episodes} episodes, "
@@ -257,8 +259,10 @@ def sc2_rollout(
                     on_chunk=lambda n: bar.advance(task, n), session=session, stepped_env=env,
                 )  # fmt: skip
     except Sc2InstallError as err:
+        from cli import EXIT_MISSING_GAME
+
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_MISSING_GAME) from None
     finally:
         if env is not None:
             env.close()

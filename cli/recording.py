@@ -33,7 +33,7 @@ import pandas as pd
 from agents import attacks, checkpoint
 from agents import rollout as R
 from agents.attacks import START_MODES, Attack, Params, Team
-from configs.schema import ConfigError
+from configs.schema import ConfigError, check_attack_fits, check_seed
 from envs.base import MultiAgentEnv
 from forensics import store as st
 
@@ -43,7 +43,6 @@ INFLUENCE = {"high_influence": "high", "low_influence": "low", "uniform": "unifo
 # Config sections a rollout may override: the attack, and the checkpoint-bound sections
 # only to restate (never to change) what the checkpoint was trained with.
 ROLLOUT_SECTIONS = ("attack", *checkpoint.BOUND_SECTIONS)
-MAX_SEED = 2**31  # PRNGKey(seed) takes an int32
 DEFAULT_ATTACK = "worst_action"  # the paper's paired protocol, unless attack= says otherwise
 # Session key naming the Python-stepped env a store's episodes were played in (absent:
 # jitted episodes, replayable from their keys).
@@ -67,9 +66,8 @@ def parse_seeds(spec: str) -> np.ndarray:
     if not seeds:
         raise ConfigError(f"--seeds: {spec!r} selects no seed; {expected}")
     arr = np.asarray(seeds, np.int64)
-    if arr.min() < 0 or arr.max() >= MAX_SEED:
-        bad = arr.min() if arr.min() < 0 else arr.max()
-        raise ConfigError(f"--seeds: seed {bad} is outside [0, 2**31)")
+    check_seed(int(arr.min()), "--seeds")
+    check_seed(int(arr.max()), "--seeds")
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
         raise ConfigError(f"--seeds: seed {uniq[counts > 1][0]} is selected twice in {spec!r}")
@@ -144,6 +142,8 @@ def team_of(policy: checkpoint.Policy) -> tuple[Team, Params, Params | None]:
 
 def policy_identity(policy: checkpoint.Policy) -> dict[str, str]:
     """The checkpoint identity a store is bound to: the hash of the restored policy item."""
+    if policy.identity is not None:  # load_policy verified and hashed it
+        return policy.identity
     return st.checkpoint_identity(checkpoint.policy_item(policy))
 
 
@@ -284,6 +284,7 @@ def record(
     """
     attack = Attack.from_config(config["attack"])
     spec = policy.env.spec
+    check_attack_fits(attack, spec)
     per_seed = episodes_per_seed(attack, spec.num_agents)
     team, actor_params, critic_params = team_of(policy)
     identity = policy_identity(policy)

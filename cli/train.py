@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -58,37 +60,68 @@ def job_command(hydra_cfg: DictConfig) -> str:
     )
 
 
+def _drop_empty_log(output_dir: Path) -> None:
+    """Hydra opens ``<run>/train.log`` (and creates the run directory) before the task
+    runs; a refused invocation leaves neither behind when they are empty."""
+    log = output_dir / "train.log"
+    if log.is_file() and log.stat().st_size == 0:
+        log.unlink()
+    with contextlib.suppress(OSError):  # only if now empty
+        output_dir.rmdir()
+
+
 def task(cfg: DictConfig) -> None:
     """Hydra task: validate first, then train in Hydra's output directory.
 
-    A ``ConfigError`` (bad value, checkpoint of another config) ends the process with its
-    one-line message and exit status 1, instead of Hydra's multi-line job report; in a
-    local sweep this stops the sweep at the first refused job.
+    A ``ConfigError`` (bad value, checkpoint of another config), ``CheckpointError``
+    (damaged checkpoints, none intact) or ``StoreError`` ends the process with its one-line
+    message (``error: …``) and its class's exit status (``cli.EXIT_CODES``), instead of
+    Hydra's multi-line job report; in a local sweep this stops the sweep at the first
+    refused job. Warnings (a damaged checkpoint skipped) print as one ``warning:`` line.
     """
+    from hydra.core.hydra_config import HydraConfig
+
+    from cli import exit_code, one_line
+    from configs.schema import ConfigError
+    from forensics.store import CheckpointError, StoreError
+
+    TASK_STARTED.append(True)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda m, *a, **k: print(f"warning: {m}", file=sys.stderr)
+        try:
+            _task(cfg)
+        except (ConfigError, CheckpointError, StoreError) as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            _drop_empty_log(output_dir)
+            raise SystemExit(exit_code(err)) from None
+
+
+# set once a task has started: a Hydra exit before it is a config composition error
+TASK_STARTED: list[bool] = []
+
+
+def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from cli import enable_compilation_cache, training
-    from configs.schema import ConfigError, validate
+    from configs.schema import validate
 
-    try:
-        config = validate(cfg)
-        enable_compilation_cache()
-        hydra_cfg = HydraConfig.get()
-        hydra_record = {  # what Hydra would write to .hydra/ (see hydra.output_subdir)
-            "config.yaml": OmegaConf.to_yaml(cfg),
-            "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
-            "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
-        }
-        training.run(
-            config,
-            Path(hydra_cfg.runtime.output_dir),
-            hydra_record=hydra_record,
-            command=job_command(hydra_cfg),
-        )
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        raise SystemExit(1) from None
+    config = validate(cfg)
+    enable_compilation_cache()
+    hydra_cfg = HydraConfig.get()
+    hydra_record = {  # what Hydra would write to .hydra/ (see hydra.output_subdir)
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_cfg}),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+    }
+    training.run(
+        config,
+        Path(hydra_cfg.runtime.output_dir),
+        hydra_record=hydra_record,
+        command=job_command(hydra_cfg),
+    )
 
 
 def train(
@@ -103,7 +136,16 @@ def train(
         ),
     ] = False,
 ) -> None:
-    run_hydra(task, "forensics train", overrides or [], multirun)
+    from cli import EXIT_CONFIG
+
+    TASK_STARTED.clear()
+    try:
+        run_hydra(task, "forensics train", overrides or [], multirun)
+    except SystemExit as done:
+        # Hydra reports a misspelt group/key (before any task) with status 1: a config error
+        if done.code == 1 and not TASK_STARTED:
+            raise SystemExit(EXIT_CONFIG) from None
+        raise
 
 
 def register(app: typer.Typer) -> None:

@@ -93,14 +93,17 @@ def _to_json(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _initial_state(
-    trainer: Trainer, mngr: Any, meta: Mapping[str, Any] | None, seed: int
-) -> tuple[Any, int]:
-    """(train state, chunks done): restored from the newest checkpoint, else fresh."""
-    init_key = jax.random.PRNGKey(seed)
-    if meta is None:  # jitted: one (persistently cached) compile, not op-by-op dispatch
-        return jax.jit(trainer.init)(init_key), 0
+    trainer: Trainer, mngr: Any, config: Mapping[str, Any], run_dir: Path
+) -> tuple[Any, checkpoint.Resumed | None]:
+    """(train state, what was resumed): the newest intact checkpoint's state after it was
+    checked against ``config`` (``checkpoint.restore_train``), else a fresh state. Nothing
+    in the run directory is written here."""
+    init_key = jax.random.PRNGKey(config["seed"])
     abstract = jax.eval_shape(trainer.init, init_key)
-    return checkpoint.restore_state(mngr, abstract, meta), meta["chunk"]
+    resumed = checkpoint.restore_train(mngr, abstract, config, str(run_dir))
+    if resumed is None:  # jitted: one (persistently cached) compile, not op-by-op dispatch
+        return jax.jit(trainer.init)(init_key), None
+    return resumed.state, resumed
 
 
 def _chunk_record(chunk: int, per_chunk: int, metrics: Mapping[str, Any], wall: float) -> dict:
@@ -131,23 +134,26 @@ def run(
 ) -> dict:
     """Train (or resume) the run in ``run_dir``; returns the final evaluation summary.
 
-    ``hydra_record`` (file name → text) is written to ``run_dir/.hydra/`` once the config
-    is known to match the run's checkpoints; ``command`` (default: this process's command
-    line) is recorded in ``run.yaml``.
+    ``hydra_record`` (file name → text) is written to ``run_dir/.hydra/`` once the newest
+    intact checkpoint has been restored and matches the config (a refused or failed resume
+    rewrites nothing: not run.yaml, not .hydra/, not metrics.jsonl); ``command`` (default:
+    this process's command line) is recorded in ``run.yaml``. Damaged newer checkpoints
+    that the resume skipped are moved to ``damaged_checkpoints/`` only then.
     """
     console = console or Console(soft_wrap=True)
     train = config["train"]
     env, trainer = build(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoint.manager(run_dir, keep=train["checkpoints_to_keep"])
-    meta = checkpoint.latest_meta(mngr)
-    if meta is not None:
-        checkpoint.check_compatible(meta, config, str(run_dir))
+    state, resumed = _initial_state(trainer, mngr, config, run_dir)
+    chunk = 0 if resumed is None else resumed.meta["chunk"]
+    if resumed is not None and resumed.damaged:
+        checkpoint.move_damaged(run_dir, resumed.damaged)
+        mngr.reload()
     _write_records(run_dir, config, hydra_record or {}, command or shlex.join(sys.argv))
-
-    state, chunk = _initial_state(trainer, mngr, meta, config["seed"])
-    if meta is not None:
-        console.print(f"Resuming {run_dir} from env step {meta['env_steps']:,} (chunk {chunk})")
+    if resumed is not None:
+        steps = resumed.meta["env_steps"]
+        console.print(f"Resuming {run_dir} from env step {steps:,} (chunk {chunk})")
     metrics_path = run_dir / METRICS_FILE
     _truncate_metrics(metrics_path, chunk)
 

@@ -42,12 +42,28 @@ def one_of(names: Collection[str]) -> Rule:
     return Rule("one of " + ", ".join(sorted(names)), lambda v: v in names)
 
 
+# Every seed of every command: jax.random.PRNGKey takes an int32 (without jax_enable_x64
+# a larger value wraps or overflows), so one rule, [0, 2**31), checked by ``check_seed``.
+SEED_LIMIT = 2**31
+SEED = Rule(
+    "an integer in [0, 2**31)",
+    lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < SEED_LIMIT,
+)
+
+
+def check_seed(value: Any, field: str) -> int:
+    """``value`` if it is a valid seed (``SEED``), else ``ConfigError`` naming ``field``."""
+    if not SEED.ok(value):
+        raise ConfigError(f"{field}: expected {SEED.expected}, got {value!r}")
+    return value
+
+
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
 NAME = Rule("a non-empty name without '/'", lambda v: isinstance(v, str) and v and "/" not in v)
 PATH = Rule("a non-empty path", lambda v: isinstance(v, str) and bool(v))
 
 TOP_RULES: dict[str, Rule] = {
-    "seed": int_at_least(0),
+    "seed": SEED,
     "out_dir": PATH,
     "run_name": NAME,
     "sweep_name": NAME,
@@ -120,3 +136,19 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return plain
+
+
+def check_attack_fits(attack: Attack, spec: Any) -> None:
+    """The attack's window fits the env it runs on, else ``ConfigError``. Called where the
+    env is known (a rollout's env is its checkpoint's, not the composed config's).
+
+    An error, not a warning: with ``attack.window`` longer than the episode no onset can
+    hold the window (onsets are drawn from [0, T − window]), every attacked episode would be
+    attacked from some step to its end, and the store's ``window`` column would record a
+    window that never happened. A window that merely runs past the end of a late onset is
+    the documented truncation and passes."""
+    if attack.name != "none" and attack.window > spec.episode_length:
+        raise ConfigError(
+            f"attack.window: expected an integer <= the episode length of {spec.name} "
+            f"({spec.episode_length} steps), got {attack.window}"
+        )

@@ -58,7 +58,7 @@ import pandas as pd
 
 from agents.precision import float32_matmuls
 from agents.sharding import batch_mesh, replicated, shard_batch
-from configs.schema import ConfigError
+from configs.schema import SEED, ConfigError
 from envs import MASKED_ENVS
 from forensics.calibration import (
     Calibration,
@@ -202,7 +202,7 @@ class DiagnoseConfig:
                 self.observations in ("obs_perceived", "obs_true"),
                 "obs_perceived or obs_true",
             ),
-            ("probe_seed", is_int(self.probe_seed) and self.probe_seed >= 0, "an integer >= 0"),
+            ("probe_seed", SEED.ok(self.probe_seed), SEED.expected),  # the one seed rule
             (
                 "calibration.paper_k",
                 self.paper_k is None or (is_num(self.paper_k) and self.paper_k > 0),
@@ -579,8 +579,12 @@ def open_inputs(
     run_dir: str | Path,
     calibration_path: str | Path | None,
     stage1: Stage1Config,
+    allow_partial: bool = False,
 ) -> Inputs:
-    """Load the policy and both stores, refusing any mismatch with a one-line error."""
+    """Load the policy and both stores, refusing any mismatch with a one-line error.
+
+    A store chunk that is missing, truncated or unreadable is an error unless
+    ``allow_partial`` (then it is left out, and the summary says how much was covered)."""
     from agents import checkpoint
 
     if calibration_path is None:
@@ -590,9 +594,10 @@ def open_inputs(
         )
     policy = checkpoint.load_policy(run_dir)
     ckpt = checkpoint.policy_item(policy)
-    ident = checkpoint_identity(ckpt)
-    store = open_store(store_path, on_corrupt="skip")
-    cal = open_store(calibration_path, on_corrupt="skip")
+    ident = policy.identity or checkpoint_identity(ckpt)  # load_policy verified and hashed it
+    on_corrupt = "skip" if allow_partial else "raise"
+    store = open_store(store_path, on_corrupt=on_corrupt)
+    cal = open_store(calibration_path, on_corrupt=on_corrupt)
     check_store(store, "store", policy.env.spec, ckpt, ident)
     check_store(cal, "calibration store", policy.env.spec, ckpt, ident)
     return Inputs(store, cal, model_from_policy(policy, stage1), policy, ident)
@@ -930,12 +935,14 @@ def diagnose(
     out_dir: str | Path,
     config: Mapping[str, Any],
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Diagnose every episode of ``store_path``; write verdicts, scores, graphs and a summary
-    to ``out_dir``; returns the summary. ``config`` is the ``forensics`` config section."""
+    to ``out_dir``; returns the summary. ``config`` is the ``forensics`` config section.
+    ``allow_partial``: diagnose the readable chunks of a damaged store (see ``open_inputs``)."""
     t_start = time.perf_counter()
     cfg = DiagnoseConfig.from_mapping(config)
-    inputs = open_inputs(store_path, run_dir, calibration_path, cfg.stage1)
+    inputs = open_inputs(store_path, run_dir, calibration_path, cfg.stage1, allow_partial)
     store, cal_store, model = inputs.store, inputs.calibration, inputs.model
     fields = tuple(
         dict.fromkeys(f if f != "obs_perceived" else cfg.observations for f in SCORED_FIELDS)
@@ -984,6 +991,8 @@ def diagnose(
         "store": {
             "path": str(store.path.resolve()),
             "episodes": store.n_episodes,
+            "episodes_listed": store.manifest_episodes,  # > episodes: a partial diagnosis
+            "partial": store.partial,
             "checkpoint": store.meta.checkpoint,
             "env": store.meta.env,
             "skipped_chunks": [list(s) for s in store.skipped],
@@ -992,6 +1001,8 @@ def diagnose(
         "calibration_store": {
             "path": str(cal_store.path.resolve()),
             "episodes": cal_store.n_episodes,
+            "episodes_listed": cal_store.manifest_episodes,
+            "partial": cal_store.partial,
             "skipped_chunks": [list(s) for s in cal_store.skipped],
             "seeds": np.unique(clean["seed"]).tolist(),
             **cal_info,
@@ -1013,6 +1024,12 @@ def diagnose(
         },
         "edge_threshold": edge_thr.tolist(),
         "episodes_scored": int(len(verdicts)),
+        # what the verdicts cover: all the store lists, or (--allow-partial) fewer
+        "coverage": {
+            "episodes": int(len(verdicts)),
+            "listed": store.manifest_episodes,
+            "partial": store.partial or cal_store.partial,
+        },
         "episodes_skipped": skipped,
         "code_version": current_code_version(),
         "device": str(jax.devices()[0]),

@@ -111,11 +111,37 @@ def load_diagnosis(diag_dir: str | Path) -> Diagnosis:
     summary = json.loads((d / SUMMARY_FILE).read_text())
     with np.load(d / SCORES_FILE) as f:
         scores = {k: f[k] for k in f.files}
-    return Diagnosis(d, summary, pd.read_parquet(d / VERDICTS_FILE), scores)
+    verdicts = pd.read_parquet(d / VERDICTS_FILE)
+    ids = verdicts["episode_id"]
+    if ids.duplicated().any():
+        raise StoreError(
+            f"{d / VERDICTS_FILE}: column 'episode_id', episode {ids[ids.duplicated()].iloc[0]}: "
+            "has two verdicts; expected one per episode (re-run forensics diagnose)"
+        )
+    return Diagnosis(d, summary, verdicts, scores)
 
 
-def _store_of(diag: Diagnosis) -> EpisodeStore:
-    store = open_store(diag.summary["store"]["path"], on_corrupt="skip")
+def coverage(diag: Diagnosis, store: EpisodeStore) -> dict[str, Any]:
+    """How many of the episodes ``store``'s manifest lists the diagnosis has verdicts for,
+    and whether that is fewer (chunks skipped by ``--allow-partial`` when diagnosing or now
+    unreadable, or episodes appended after the diagnosis)."""
+    listed = store.manifest_episodes
+    have = set(diag.verdicts["episode_id"].tolist()) & set(
+        store.ground_truth()["episode_id"].tolist()
+    )
+    return {
+        "diagnosis": str(diag.path),
+        "store": str(store.path),
+        "episodes": len(have),
+        "listed": listed,
+        "partial": len(have) < listed,
+    }
+
+
+def _store_of(diag: Diagnosis, allow_partial: bool = False) -> EpisodeStore:
+    store = open_store(
+        diag.summary["store"]["path"], on_corrupt="skip" if allow_partial else "raise"
+    )
     if store.meta.checkpoint["sha256"] != diag.summary["checkpoint"]["sha256"]:
         raise StoreError(
             f"{diag.path}: its store {store.path} now holds another checkpoint's episodes"
@@ -196,11 +222,14 @@ def _row_of(ids: np.ndarray) -> dict[int, int]:
     return {int(i): r for r, i in enumerate(ids)}
 
 
-def episode_table(diag: Diagnosis) -> pd.DataFrame:
-    """One row per (attacked or clean episode, calibration): verdicts, ground truth, outcomes."""
-    store = _store_of(diag)
+def episode_table(diag: Diagnosis, store: EpisodeStore | None = None) -> pd.DataFrame:
+    """One row per (attacked or clean episode, calibration): verdicts, ground truth, outcomes.
+    ``store``: the diagnosed store, opened (default: complete, else an error)."""
+    store = store if store is not None else _store_of(diag)
     gt = store.ground_truth()
     v = diag.verdicts.merge(gt.drop(columns=["seed"]), on="episode_id", how="left")
+    if store.partial:  # --allow-partial: verdicts of episodes in unreadable chunks drop out
+        v = v[v["clean"].notna()].reset_index(drop=True)
     if v["clean"].isna().any():
         raise StoreError(f"{diag.path}: verdicts name episodes that store {store.path} lacks")
     s = diag.scores
@@ -406,20 +435,35 @@ def statistic_label(config: Mapping[str, Any]) -> str:
     return f"{s1['probe']}({s1['target']})@{config['observations']} w{s1['window']}"
 
 
-def evaluate(diag_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """The accuracy table over every diagnosis directory (one block per env × algo × N)."""
-    tables = []
+def evaluate(diag_dirs: Sequence[str | Path], allow_partial: bool = False) -> pd.DataFrame:
+    """The accuracy table over every diagnosis directory (one block per env × algo × N).
+
+    A diagnosis that covers fewer episodes than its store lists (see ``coverage``), or a
+    store with an unreadable chunk, is a ``StoreError`` unless ``allow_partial``; the
+    table's ``attrs["coverage"]`` holds each diagnosis's coverage either way."""
+    tables, covered = [], []
     for d in diag_dirs:
         diag = load_diagnosis(d)
+        store = _store_of(diag, allow_partial)
+        cov = coverage(diag, store)
+        if cov["partial"] and not allow_partial:
+            raise StoreError(
+                f"{diag.path}: has verdicts for {cov['episodes']:,} of the {cov['listed']:,} "
+                f"episodes store {store.path} lists; re-run forensics diagnose on the complete "
+                "store, or pass --allow-partial for a table of those episodes only"
+            )
+        covered.append(cov)
         env = diag.summary["env"]
         name = f"{env['name']}{'_cont' if env.get('continuous') else ''}"
         if env.get("map_name"):
             name = f"{env['name']}_{env['map_name']}"
-        table = metrics_table(episode_table(diag), name, diag.summary["algo"])
+        table = metrics_table(episode_table(diag, store), name, diag.summary["algo"])
         table.insert(3, "statistic", statistic_label(diag.summary["config"]))
         tables.append(table)
     table = pd.concat(tables, ignore_index=True)
-    return table.sort_values(list(GROUP), kind="stable", ignore_index=True)
+    table = table.sort_values(list(GROUP), kind="stable", ignore_index=True)
+    table.attrs["coverage"] = covered
+    return table
 
 
 # --------------------------------------------------------------------------- formatting

@@ -76,6 +76,13 @@ class StoreError(ValueError):
     """A bad batch, a mismatched or corrupt store: the message is one line naming the cause."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged (content hash, unreadable files) or not a run's:
+    one line naming the checkpoint directory. Lives here, next to ``checkpoint_identity``
+    (the one hash of a checkpoint item), so that the CLI classifies it without importing
+    JAX or Orbax."""
+
+
 # --------------------------------------------------------------------------- schema
 
 
@@ -280,6 +287,14 @@ def _to_arrow(col: Column, arr: np.ndarray) -> pa.Array:
         return pa.array(arr)
     flat = pa.array(np.ascontiguousarray(arr).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, math.prod(col.shape))
+
+
+def _arrow_type(col: Column) -> pa.DataType:
+    """The Arrow type ``_to_arrow`` writes for ``col``: what every chunk must hold."""
+    if col.dtype == "str":
+        return pa.string()
+    scalar = pa.from_numpy_dtype(np.dtype(col.dtype))
+    return pa.list_(scalar, math.prod(col.shape)) if col.shape else scalar
 
 
 def _from_arrow(col: Column, arr: pa.Array) -> np.ndarray:
@@ -736,22 +751,146 @@ class EpisodeStore:
         self._columns = {c.name: c for c in self.meta.columns}
         self.chunks: list[ChunkInfo] = []
         self.skipped: list[tuple[str, str]] = []
-        for entry in manifest["chunks"]:
-            info = ChunkInfo(**entry)
+        self.manifest_episodes = 0  # what the manifest lists, skipped chunks included
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(manifest["chunks"]):
+            try:
+                info = ChunkInfo(**entry)
+            except TypeError:
+                raise StoreError(
+                    f"store {self.path}: manifest.json entry {i} is not a chunk record "
+                    f"(expected the fields {[f.name for f in dataclasses.fields(ChunkInfo)]})"
+                ) from None
+            if info.file in seen:  # never skippable: every episode of it would count twice
+                raise StoreError(
+                    f"store {self.path}: manifest.json lists chunk {info.file} twice (entries "
+                    f"{seen[info.file]} and {i}); expected each chunk once"
+                )
+            seen[info.file] = i
+            self.manifest_episodes += info.episodes
             problem = self._check_chunk(info)
             if problem is None:
                 self.chunks.append(info)
             elif on_corrupt == "raise":
                 raise StoreError(
-                    f"store {self.path}: chunk {info.file} {problem} "
-                    f"(open with on_corrupt='skip' to read the other chunks)"
+                    f"store {self.path}: chunk {info.file} {problem}; "
+                    f"{info.episodes} of {sum(c['episodes'] for c in manifest['chunks'])} "
+                    "episodes unreadable (--allow-partial uses the other chunks)"
                 )
             else:
                 self.skipped.append((info.file, problem))
                 warnings.warn(
                     f"store {self.path}: skipping chunk {info.file}: {problem}", stacklevel=2
                 )
+        self._check_ids()
         self.uncommitted = _uncommitted(self.path, [e["file"] for e in manifest["chunks"]])
+
+    @property
+    def partial(self) -> bool:
+        """Whether chunks the manifest lists were left out (``on_corrupt="skip"``)."""
+        return bool(self.skipped)
+
+    def _check_ids(self) -> None:
+        """Episode ids are unique over the readable chunks and each chunk's ids lie in the
+        range its manifest entry records. Only the (small) ``episode_id`` column is read."""
+        owner: dict[int, str] = {}
+        col = self._columns["episode_id"]
+        for info in self.chunks:
+            with self._reading(info):
+                arr = self._parquet(info).read(columns=["episode_id"]).column(0)
+            ids = self._decode(info, col, arr.combine_chunks(), None)
+            if ids.size and (ids.min() < info.first_id or ids.max() > info.last_id):
+                bad = ids[(ids < info.first_id) | (ids > info.last_id)][0]
+                raise StoreError(
+                    f"store {self.path}: chunk {info.file}, column 'episode_id', episode {bad}: "
+                    f"outside the range [{info.first_id}, {info.last_id}] manifest.json records"
+                )
+            uniq, counts = np.unique(ids, return_counts=True)
+            if (counts > 1).any():
+                raise StoreError(
+                    f"store {self.path}: chunk {info.file}, column 'episode_id', episode "
+                    f"{uniq[counts > 1][0]}: appears twice; expected unique episode ids"
+                )
+            for i in ids.tolist():
+                if i in owner:
+                    raise StoreError(
+                        f"store {self.path}: chunk {info.file}, column 'episode_id', episode "
+                        f"{i}: also in chunk {owner[i]}; expected unique episode ids"
+                    )
+                owner[i] = info.file
+
+    def _decode(
+        self, info: ChunkInfo, col: Column, arr: pa.Array, ids: np.ndarray | None
+    ) -> np.ndarray:
+        """One column read from chunk ``info``, checked against the store's own schema
+        (``meta.json``): no nulls (a NaN in an integer column arrives as a null or as a float
+        column, which ``_check_chunk`` refuses), the recorded shape, and values inside the
+        column's recorded bounds / choices. A writer that bypassed ``validate_batch`` (another
+        tool, a hand edit, bit rot under a rewritten hash) is caught here, on every read,
+        rather than turned into a verdict. One-line ``StoreError`` naming file, column,
+        episode (``ids``, when read alongside) and what was expected."""
+        where = f"store {self.path}: chunk {info.file}, column {col.name!r}"
+        episode = lambda row: f", episode {ids[row]}" if ids is not None else f", row {row}"
+        nulls = arr.null_count + (arr.flatten().null_count if col.shape else 0)
+        if nulls:
+            mask = np.asarray(arr.is_null())
+            if col.shape:  # a null inside a list: find its row
+                inner = np.asarray(arr.flatten().is_null()).reshape(len(arr), -1).any(axis=1)
+                mask = mask | inner
+            raise StoreError(
+                f"{where}{episode(int(np.nonzero(mask)[0][0]))}: null/NaN value; meta.json "
+                f"declares {col.describe()} with no missing values"
+            )
+        out = _from_arrow(col, arr)
+        if col.dtype != "str" and out.dtype != np.dtype(col.dtype):
+            raise StoreError(f"{where}: stored as {out.dtype}, meta.json declares {col.describe()}")
+        if col.bounds is not None and out.size:
+            lo, hi = col.bounds
+            bad = np.nonzero(((out < lo) | (out >= hi)).reshape(len(out), -1).any(axis=1))[0]
+            if bad.size:
+                row = out[bad[0]]
+                found = row.min() if row.min() < lo else row.max()
+                raise StoreError(
+                    f"{where}{episode(int(bad[0]))}: value {found} outside [{lo}, {hi}), the "
+                    "range meta.json records"
+                )
+        if col.choices and out.size:
+            bad = np.nonzero(~np.isin(out, col.choices))[0]
+            if bad.size:
+                raise StoreError(
+                    f"{where}{episode(int(bad[0]))}: value {out[bad[0]]!r} is not one of "
+                    f"{col.choices}"
+                )
+        return out
+
+    def _decode_batch(
+        self, info: ChunkInfo, cols: Sequence[Column], rb: pa.RecordBatch | pa.Table
+    ) -> dict[str, np.ndarray]:
+        """The selected columns of one record batch, each checked (``_decode``); the policy's
+        own actions (``clean_actions``) must also be legal under the recorded masks on valid
+        steps. (Taken ``actions`` may be illegal: a stuck actuator repeats a command that
+        stopped being available, a fault the store must be able to hold.)"""
+        column = lambda name: rb.column(name) if isinstance(rb, pa.RecordBatch) else (
+            rb.column(name).combine_chunks()
+        )  # fmt: skip
+        names = [c.name for c in cols]
+        ids = _from_arrow(self._columns["episode_id"], column("episode_id")) if (
+            "episode_id" in names) else None  # fmt: skip
+        out = {c.name: self._decode(info, c, column(c.name), ids) for c in cols}
+        if {"clean_actions", "avail"} <= set(out) and self._columns["clean_actions"].bounds:
+            legal = np.take_along_axis(out["avail"], out["clean_actions"][..., None], -1)[..., 0]
+            if "valid" in out:
+                legal = legal | ~out["valid"][:, :, None]
+            bad = np.argwhere(~legal)
+            if bad.size:
+                e, t, i = bad[0]
+                who = f"episode {ids[e]}" if ids is not None else f"row {e}"
+                raise StoreError(
+                    f"store {self.path}: chunk {info.file}, column 'clean_actions', {who}: agent "
+                    f"{i} at step {t} took action {out['clean_actions'][e, t, i]}, which the "
+                    "recorded mask (avail) marks unavailable"
+                )
+        return out
 
     def _file(self, info: ChunkInfo) -> Path:
         return self.path / _CHUNKS / info.file
@@ -770,6 +909,22 @@ class EpisodeStore:
             return f"has an unreadable Parquet footer ({e})"
         if rows != info.episodes:
             return f"holds {rows} episodes, the manifest recorded {info.episodes}"
+        schema = pq.read_schema(f)
+        for col in self.meta.columns:
+            want = _arrow_type(col)
+            if col.name not in schema.names:
+                return f"has no column {col.name!r}; meta.json declares {col.describe()}"
+            got = schema.field(col.name).type
+            if pa.types.is_dictionary(got):
+                got = got.value_type
+            if got != want and not (col.dtype == "str" and pa.types.is_large_string(got)):
+                shown = (
+                    f"{got.value_type} × {got.list_size}"
+                    if pa.types.is_fixed_size_list(got)
+                    else str(got)
+                )
+                declared = col.describe()
+                return f"has column {col.name!r} stored as {shown}; meta.json declares {declared}"
         return None
 
     def _parquet(self, info: ChunkInfo) -> pq.ParquetFile:
@@ -834,7 +989,7 @@ class EpisodeStore:
                     rb = next(batches, None)
                 if rb is None:
                     break
-                pending.append({c.name: _from_arrow(c, rb.column(c.name)) for c in cols})
+                pending.append(self._decode_batch(info, cols, rb))
                 held += rb.num_rows
                 if held >= batch_episodes:
                     joined = {n: np.concatenate([p[n] for p in pending]) for n in names}
@@ -866,7 +1021,7 @@ class EpisodeStore:
                 offset = int(rows[0]) - (int(ends[group - 1]) if group else 0)
                 table = pf.read_row_group(group, columns=[c.name for c in cols])
                 table = table.slice(offset, 1)
-            return {c.name: _from_arrow(c, table.column(c.name).combine_chunks())[0] for c in cols}
+            return {k: v[0] for k, v in self._decode_batch(info, cols, table).items()}
         raise KeyError(f"episode {episode_id} is not in store {self.path}")
 
     def ground_truth(self) -> pd.DataFrame:
@@ -875,7 +1030,9 @@ class EpisodeStore:
         tables = []
         for info in self.chunks:
             with self._reading(info):
-                tables.append(self._parquet(info).read(columns=names))
+                table = self._parquet(info).read(columns=names)
+            self._decode_batch(info, [self._columns[n] for n in names], table)  # checks only
+            tables.append(table)
         if not tables:
             return pd.DataFrame(
                 {

@@ -311,7 +311,7 @@ def test_sc2_env_shapes_and_missing_game(tmp_path, monkeypatch):
         Sc2Env(5, map_name="3s_vs_3z")
 
 
-def test_sc2_evaluate_without_game_is_one_line_exit_2(tmp_path, monkeypatch):
+def test_sc2_evaluate_without_game_is_one_line_exit_6(tmp_path, monkeypatch):
     from cli import play_sc2
 
     app = typer.Typer()
@@ -319,7 +319,7 @@ def test_sc2_evaluate_without_game_is_one_line_exit_2(tmp_path, monkeypatch):
     play_sc2.register(app)
     monkeypatch.setenv("SC2PATH", str(tmp_path))
     result = CliRunner().invoke(app, ["sc2-evaluate", str(tmp_path / "run"), "--map", "3m"])
-    assert result.exit_code == 2
+    assert result.exit_code == 6  # cli.EXIT_MISSING_GAME
     lines = result.output.strip().splitlines()
     assert lines == [
         f"error: set SC2PATH to a StarCraft II install (found none at {tmp_path}: "

@@ -153,7 +153,7 @@ def test_influence_onsets_are_refused_for_stepped_envs():
     assert recording.stepped_attack_config(given, [])["start"] == ["uniform"]
 
 
-def test_sc2_rollout_without_game_is_one_line_exit_2(tmp_path, monkeypatch):
+def test_sc2_rollout_without_game_is_one_line_exit_6(tmp_path, monkeypatch):
     from cli import play_sc2
 
     sub = typer.Typer()
@@ -162,7 +162,7 @@ def test_sc2_rollout_without_game_is_one_line_exit_2(tmp_path, monkeypatch):
     monkeypatch.setenv("SC2PATH", str(tmp_path))
     args = ["sc2-rollout", str(tmp_path / "run"), "--map", "3m", "-o", str(tmp_path / "s")]
     result = CliRunner().invoke(sub, args)
-    assert result.exit_code == 2
+    assert result.exit_code == 6  # cli.EXIT_MISSING_GAME
     assert result.output.strip().splitlines() == [
         f"error: set SC2PATH to a StarCraft II install (found none at {tmp_path}: "
         "no Versions/*/SC2_x64)"
