@@ -11,6 +11,8 @@ import importlib
 
 import typer
 
+from cli import EXIT_CODES
+
 SUBCOMMANDS = (
     "train",
     "evaluate_policy",
@@ -41,7 +43,10 @@ Typical session:
 * `forensics report stores/ss3-worst/diagnosis --episode 7`
 
 Run `forensics COMMAND --help` for each command's options and examples.
-"""
+
+Exit status (the same for every command; errors print one line, `error: …`):
+
+""" + "\n".join(f"* {code}: {what}" for code, what in EXIT_CODES.items())
 
 app = typer.Typer(
     name="forensics",

@@ -60,6 +60,7 @@ def rollout(
     from agents import checkpoint
     from agents.attacks import Attack
     from cli import enable_compilation_cache, invocation, progress_bar, recording, recording_errors
+    from configs.schema import check_attack_fits
     from forensics.store import open_store
 
     console = Console(soft_wrap=True)
@@ -69,6 +70,7 @@ def rollout(
         policy = checkpoint.load_policy(run_dir)
         config = recording.rollout_config(overrides or [], policy.config, run_dir)
         attack = Attack.from_config(config["attack"])
+        check_attack_fits(attack, policy.env.spec)  # before the progress bar starts
         per_seed = recording.episodes_per_seed(attack, policy.env.spec.num_agents)
         session = {
             "command": invocation(ctx),
