@@ -219,11 +219,33 @@ class Resumed(NamedTuple):
     damaged: list[tuple[int, str]]
 
 
+def latest_meta(mngr: ocp.CheckpointManager) -> dict[str, Any] | None:
+    """Metadata of the newest intact checkpoint, or None if there is none."""
+    if mngr.latest_step() is None:
+        return None
+    restore = lambda step: mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return newest_intact(mngr, ("meta",), restore)[1]["meta"]
+
+
+def restore_state(
+    mngr: ocp.CheckpointManager, abstract_state: Any, meta: Mapping[str, Any] | None = None
+) -> Any:
+    """The newest intact TrainState (``restore_train`` without a config to check)."""
+    resumed = restore_train(mngr, abstract_state, None, str(mngr.directory))
+    if resumed is None:
+        raise CheckpointError(f"{mngr.directory}: no complete checkpoint")
+    return resumed.state
+
+
 def restore_train(
-    mngr: ocp.CheckpointManager, abstract_state: Any, config: Mapping[str, Any], where: str
+    mngr: ocp.CheckpointManager,
+    abstract_state: Any,
+    config: Mapping[str, Any] | None,
+    where: str,
 ) -> Resumed | None:
     """The newest intact checkpoint's TrainState (structure/shapes/dtypes of
-    ``abstract_state``) and meta, after ``check_compatible``; None for a run without any.
+    ``abstract_state``) and meta, after ``check_compatible`` with ``config`` (if given);
+    None for a run without any.
 
     A train state saved by code whose state layout differs (e.g. a replay buffer without
     a field this version records) cannot resume: ``ConfigError`` names the checkpoint and
@@ -233,7 +255,8 @@ def restore_train(
 
     def attempt(step: int) -> tuple[Any, dict[str, Any]]:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        check_compatible(meta, config, where)
+        if config is not None:
+            check_compatible(meta, config, where)
         try:
             restored = mngr.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))

@@ -858,7 +858,7 @@ class EpisodeStore:
             bad = np.nonzero(~np.isin(out, col.choices))[0]
             if bad.size:
                 raise StoreError(
-                    f"{where}{episode(int(bad[0]))}: value {out[bad[0]]!r} is not one of "
+                    f"{where}{episode(int(bad[0]))}: value {str(out[bad[0]])!r} is not one of "
                     f"{col.choices}"
                 )
         return out

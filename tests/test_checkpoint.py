@@ -12,6 +12,7 @@ from cli import enable_compilation_cache
 from cli.hydra_entry import compose_config
 from cli.training import build
 from configs.schema import ConfigError
+from forensics.store import CheckpointError
 
 KEY = jax.random.PRNGKey(0)
 
@@ -115,7 +116,7 @@ def test_only_the_newest_checkpoints_are_kept(run, tmp_path):
 
 
 def test_load_policy_outside_a_run_directory_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoints/ here"):
+    with pytest.raises(CheckpointError, match="no checkpoints/ here"):
         checkpoint.load_policy(tmp_path)
 
 

@@ -108,9 +108,9 @@ def test_rerunning_a_finished_run_trains_nothing_more(trained):
 def test_mismatching_config_is_refused_in_one_line(trained):
     record = (trained / ".hydra" / "config.yaml").read_text()
     result = forensics(*train_args(trained.parent, "algo.lr_actor=0.5"))
-    assert result.returncode == 1
+    assert result.returncode == 3  # cli.EXIT_CONFIG
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("algo.lr_actor: the checkpoint in ")
+    assert len(lines) == 1 and lines[0].startswith("error: algo.lr_actor: the checkpoint in ")
     assert "algo.lr_actor=0.01" in lines[0] and "algo.lr_actor=0.5" in lines[0]
     assert (trained / ".hydra" / "config.yaml").read_text() == record  # record untouched
 
@@ -126,7 +126,7 @@ def test_mismatching_config_is_refused_in_one_line(trained):
 )
 def test_bad_command_lines_fail_before_any_work(tmp_path, override, message):
     result = forensics("train", f"out_dir={tmp_path}", override, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 3  # cli.EXIT_CONFIG, Hydra's own errors included
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("checkpoints"))

@@ -124,8 +124,10 @@ def changed_columns(a: Path, b: Path) -> set[str]:
     return {k for k in x if not np.array_equal(x[k], y[k])}
 
 
-def assert_one_line_error(result, message: str) -> None:
-    assert result.exit_code == 1, result.output
+def assert_one_line_error(result, message: str, code: int = 4) -> None:
+    """One ``error:`` line containing ``message``, exit status ``code`` (cli.EXIT_CODES:
+    3 config, 4 data)."""
+    assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
@@ -273,11 +275,21 @@ def test_non_finite_episodes_are_reported_as_skipped(diagnosed, stores, tmp_path
     assert int(table[rows]["episodes"].iloc[0]) == int(reference[rows]["episodes"].iloc[0]) - 2
 
 
-def test_unreadable_chunk_is_skipped_with_a_warning(diagnosed, stores, tmp_path):
-    damaged = copy_store(stores["protocol"], tmp_path / "truncated")
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_partial_store_is_an_error_unless_allowed(diagnosed, stores, tmp_path, damage):
+    """A truncated or deleted chunk: diagnose and evaluate exit 4 naming it; with
+    --allow-partial they use the other chunks and say how many episodes they cover."""
+    damaged = copy_store(stores["protocol"], tmp_path / damage)
     chunk = damaged / "chunks" / "chunk-000000.parquet"
-    chunk.write_bytes(chunk.read_bytes()[:-200])  # a chunk cut short after its commit
-    result = invoke(*diagnose_args(damaged, stores["clean"]))
+    if damage == "truncated":
+        chunk.write_bytes(chunk.read_bytes()[:-200])  # a chunk cut short after its commit
+    else:
+        chunk.unlink()
+    refused = invoke(*diagnose_args(damaged, stores["clean"]))
+    assert_one_line_error(refused, "chunk chunk-000000.parquet ")
+    assert "--allow-partial" in refused.stderr and not (damaged / DEFAULT_OUT).exists()
+
+    result = invoke(*diagnose_args(damaged, stores["clean"], "--allow-partial"))
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if "chunk-000000" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: ")
@@ -287,7 +299,67 @@ def test_unreadable_chunk_is_skipped_with_a_warning(diagnosed, stores, tmp_path)
     with pytest.warns(UserWarning, match="skipping chunk chunk-000000"):
         kept = st.open_store(damaged, on_corrupt="skip").ground_truth()["episode_id"].to_numpy()
     assert kept.min() > 0 and summary["episodes_scored"] == kept.size < EPISODES
+    assert summary["coverage"] == {"episodes": kept.size, "listed": EPISODES, "partial": True}
+    assert f"PARTIAL: {kept.size} of {EPISODES} episodes" in result.stdout
     assert_same_outputs(diagnosed[0], out, ids=kept)
+
+    refused = invoke("evaluate", out)
+    assert_one_line_error(refused, "chunk chunk-000000.parquet ")
+    table = invoke("evaluate", out, "--allow-partial", "--markdown", tmp_path / "t.md")
+    assert table.exit_code == 0, table.output
+    assert table.stdout.count(f"PARTIAL: {kept.size} of {EPISODES} episodes") == 4  # every view
+    assert (tmp_path / "t.md").read_text().startswith(f"**PARTIAL: {kept.size} of {EPISODES}")
+
+
+def test_a_diagnosis_of_fewer_episodes_than_its_store_is_refused(diagnosed, stores, tmp_path):
+    """Episodes appended after the diagnosis (or left out of it): evaluate refuses the
+    stale diagnosis by default, and says so in its table with --allow-partial."""
+    store = copy_store(stores["protocol"], tmp_path / "store")
+    shutil.copytree(diagnosed[0], store / DEFAULT_OUT)
+    summary = json.loads((store / DEFAULT_OUT / dg.SUMMARY_FILE).read_text())
+    summary["store"]["path"] = str(store.resolve())
+    (store / DEFAULT_OUT / dg.SUMMARY_FILE).write_text(json.dumps(summary))
+    verdicts = pd.read_parquet(store / DEFAULT_OUT / dg.VERDICTS_FILE)
+    verdicts[verdicts["episode_id"] != 3].to_parquet(store / DEFAULT_OUT / dg.VERDICTS_FILE)
+    assert_one_line_error(invoke("evaluate", store), f"{EPISODES - 1:,} of the {EPISODES:,}")
+    result = invoke("evaluate", store, "--allow-partial")
+    assert result.exit_code == 0 and f"PARTIAL: {EPISODES - 1} of {EPISODES}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("action_7", "column 'actions', episode 1: value 7 outside [0, 5)"),
+        ("action_-1", "column 'actions', episode 1: value -1 outside [0, 5)"),
+        ("float_actions_nan", "has column 'actions' stored as float × 75; meta.json declares"),
+        ("listed_twice", "manifest.json lists chunk chunk-000001.parquet twice"),
+    ],
+)
+def test_out_of_contract_store_is_refused_in_one_line(stores, tmp_path, case, message):
+    """Values the store's own schema rules out change verdicts silently if read: every
+    reader refuses them (exit 4), naming file, column and episode; nothing is written."""
+    bad = copy_store(stores["protocol"], tmp_path / "bad")
+    if case.startswith("action_"):
+        value = int(case.split("_")[1])
+        rewrite_chunk(bad, 0, lambda a: a["actions"].__setitem__((1, 10, 0), value))
+    elif case == "float_actions_nan":
+        chunk = bad / "chunks" / "chunk-000000.parquet"
+        table = st.pq.read_table(chunk)
+        flat = table.column("actions").combine_chunks().flatten().to_numpy().astype(np.float32)
+        flat[0] = np.nan
+        column = st.pa.FixedSizeListArray.from_arrays(st.pa.array(flat), T * N)
+        st.pq.write_table(table.set_column(table.schema.get_field_index("actions"), "actions",
+                                           column), chunk)  # fmt: skip
+        manifest = json.loads((bad / "manifest.json").read_text())
+        manifest["chunks"][0]["bytes"] = chunk.stat().st_size
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        manifest = json.loads((bad / "manifest.json").read_text())
+        manifest["chunks"].append(manifest["chunks"][1])
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke(*diagnose_args(bad, stores["clean"]))
+    assert_one_line_error(result, message)
+    assert "chunk-00000" in result.stderr and not (bad / DEFAULT_OUT).exists()
 
 
 def test_bad_input_is_one_line_and_writes_nothing(stores, foreign, run_dir, tmp_path):
@@ -305,7 +377,8 @@ def test_bad_input_is_one_line_and_writes_nothing(stores, foreign, run_dir, tmp_
          f"store {protocol}: env num_agents is 3, but the checkpoint"),
         (diagnose_args(protocol, foreign["clean_seed1"]),
          f"calibration store {foreign['clean_seed1']}: written by checkpoint"),
-        (diagnose_args(truncated, clean), "holds no committed episodes"),
+        (diagnose_args(truncated, clean), "26 of 52 episodes unreadable (--allow-partial"),
+        (diagnose_args(truncated, clean, "--allow-partial"), "holds no committed episodes"),
         (diagnose_args(run_dir, clean, "--run", run_dir), "not an episode store"),
         (diagnose_args(protocol, clean, "forensics.calibration.alpha=2"),
          "forensics.calibration.alpha: expected a number in (0, 1), got 2"),
@@ -315,7 +388,8 @@ def test_bad_input_is_one_line_and_writes_nothing(stores, foreign, run_dir, tmp_
     ]  # fmt: skip
     for args, message in cases:
         result = invoke(*args, "--out", out)
-        assert_one_line_error(result, message)
+        config = "forensics" in message or "Could not override" in message
+        assert_one_line_error(result, message, code=3 if config else 4)
         assert not out.exists() and not list(tmp_path.glob(".diag.*")), args
     # an output path holding something else is never replaced
     before = snapshot(run_dir)
@@ -373,9 +447,11 @@ def test_report_draws_an_episode(diagnosed, tmp_path):
     assert_one_line_error(
         invoke("report", out, "--episode", 999, "--out", tmp_path / "x.png"),
         f"--episode 999: not in {out} ({EPISODES} episodes, ids 0..{EPISODES - 1})",
+        code=3,  # a bad option value
     )
     assert_one_line_error(
         invoke("report", out, "--episode", episode, "--out", tmp_path / "x.jpg"),
         "expected a .png, .pdf or .svg file name",
+        code=3,
     )
     assert not list(tmp_path.glob("x.*"))

@@ -37,7 +37,7 @@ def hatrpo_run(tmp_path_factory) -> Path:
 def test_rollout_needs_the_probe_then_diagnose_runs_on_it(hatrpo_run, tmp_path):
     store, clean = tmp_path / "worst", tmp_path / "clean"
     missing = invoke("rollout", hatrpo_run, "-o", store, "--seeds", "0:2", "--no-progress")
-    assert missing.exit_code == 1 and "forensics fit-probe" in missing.output
+    assert missing.exit_code == 4 and "forensics fit-probe" in missing.output  # a missing file
     assert not store.exists()
 
     fitted = invoke("fit-probe", hatrpo_run, *PROBE)
@@ -60,4 +60,4 @@ def test_rollout_needs_the_probe_then_diagnose_runs_on_it(hatrpo_run, tmp_path):
 
 def test_bad_probe_setting_is_one_line_and_fits_nothing(hatrpo_run):
     r = invoke("fit-probe", hatrpo_run, "probe.bogus=1")
-    assert r.exit_code == 1 and r.output.startswith("error: probe.bogus")
+    assert r.exit_code == 3 and r.output.startswith("error: probe.bogus")  # a config error
