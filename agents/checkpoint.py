@@ -109,7 +109,13 @@ def save(
 
 
 class Damaged(Exception):
-    """One checkpoint step is damaged (internal: ``newest_intact`` falls back past it)."""
+    """One checkpoint step is damaged (internal: ``newest_intact`` falls back past it).
+    ``uncommitted``: only its hash record is missing, as when the process was killed
+    between Orbax's commit and the hash write (the hash file is the save's last step)."""
+
+    def __init__(self, message: str, uncommitted: bool = False) -> None:
+        super().__init__(message)
+        self.uncommitted = uncommitted
 
 
 def _first_line(err: BaseException) -> str:
@@ -128,7 +134,10 @@ def verify_items(step_dir: Path, items: Sequence[str]) -> dict[str, dict[str, st
         except (OSError, ValueError) as err:
             raise Damaged(f"meta is unreadable ({_first_line(err)})") from None
         if meta.get("content_hashes"):
-            raise Damaged(f"{HASH_FILE} is missing (its meta says it was written)")
+            raise Damaged(
+                f"its save did not complete: no {HASH_FILE}, which its meta says was written",
+                uncommitted=True,
+            )
         return None
     try:
         recorded = json.loads(recorded_file.read_text())["sha256"]
@@ -148,8 +157,11 @@ def verify_items(step_dir: Path, items: Sequence[str]) -> dict[str, dict[str, st
 
 
 def newest_intact(
-    mngr: ocp.CheckpointManager, items: Sequence[str], attempt: Callable[[int], Any]
-) -> tuple[int, Any, dict[str, dict[str, str]] | None, list[tuple[int, str]]]:
+    mngr: ocp.CheckpointManager,
+    items: Sequence[str],
+    attempt: Callable[[int], Any],
+    none_ok: bool = False,
+) -> tuple[int | None, Any, dict[str, dict[str, str]] | None, list[tuple[int, str]]]:
     """(step, ``attempt(step)``, item identities, damaged newer steps) for the newest step
     whose ``items`` verify and that ``attempt`` restores.
 
@@ -157,12 +169,15 @@ def newest_intact(
     (``verify_items``) or when Orbax fails to read it; falling back warns, naming the
     damaged checkpoint and the one used. ``ConfigError`` from ``attempt`` (a checkpoint of
     another config or layout: not damage) propagates at once. No intact step: one
-    ``CheckpointError`` line."""
+    ``CheckpointError`` line, except that with ``none_ok`` a run whose only checkpoints are
+    uncommitted saves (``Damaged.uncommitted``) gives ``(None, None, None, damaged)``: a
+    training killed during its first save starts afresh, as if Orbax had not committed."""
     root = Path(mngr.directory)
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise CheckpointError(f"{root}: no complete checkpoint")
     damaged: list[tuple[int, str]] = []
+    uncommitted = 0
     for step in steps:
         try:
             identities = verify_items(root / str(step), items)
@@ -174,6 +189,7 @@ def newest_intact(
                 raise Damaged(f"Orbax cannot read it ({_first_line(err)})") from None
         except Damaged as err:
             damaged.append((step, str(err)))
+            uncommitted += err.uncommitted
             continue
         if damaged:
             newest, why = damaged[0]
@@ -193,6 +209,11 @@ def newest_intact(
             )
         return step, result, identities, damaged
     newest, why = damaged[0]
+    if none_ok and uncommitted == len(damaged):
+        warnings.warn(
+            f"checkpoint {root / str(newest)}: {why}; starting afresh", CheckpointWarning, 3
+        )
+        return None, None, None, damaged
     others = f"; the {len(damaged) - 1} older one(s) too" if len(damaged) > 1 else ""
     raise CheckpointError(f"checkpoint {root / str(newest)} is damaged: {why}{others}")
 
@@ -213,9 +234,12 @@ def move_damaged(run_dir: Path, damaged: Sequence[tuple[int, str]]) -> None:
 
 
 class Resumed(NamedTuple):
-    step: int
+    """What ``restore_train`` found: step/state/meta None when nothing committed remains
+    (start afresh); ``damaged``: the steps skipped, newest first (``move_damaged``)."""
+
+    step: int | None
     state: Any
-    meta: dict[str, Any]
+    meta: dict[str, Any] | None
     damaged: list[tuple[int, str]]
 
 
@@ -232,7 +256,7 @@ def restore_state(
 ) -> Any:
     """The newest intact TrainState (``restore_train`` without a config to check)."""
     resumed = restore_train(mngr, abstract_state, None, str(mngr.directory))
-    if resumed is None:
+    if resumed is None or resumed.state is None:
         raise CheckpointError(f"{mngr.directory}: no complete checkpoint")
     return resumed.state
 
@@ -273,7 +297,8 @@ def restore_train(
             ) from None
         return restored["state"], meta
 
-    step, (state, meta), _, damaged = newest_intact(mngr, ITEMS, attempt)
+    step, restored, _, damaged = newest_intact(mngr, ITEMS, attempt, none_ok=True)
+    state, meta = restored if restored is not None else (None, None)
     return Resumed(step, state, meta, damaged)
 
 

@@ -89,8 +89,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
     EXIT_BUG: "internal error: a bug, printed with its traceback",
     EXIT_USAGE: "bad command line (unknown option, missing argument)",
-    EXIT_CONFIG: "bad value (config, override, option, seed), or one the checkpoint disagrees "
-    "with",
+    EXIT_CONFIG: "bad value (config, override, option, seed), or one the checkpoint disagrees with",
     EXIT_DATA: "episode store or diagnosis invalid, damaged or incomplete (partial data)",
     EXIT_CHECKPOINT: "checkpoint missing or damaged (content hash, unreadable) with no intact "
     "older one",

@@ -101,8 +101,8 @@ def _initial_state(
     init_key = jax.random.PRNGKey(config["seed"])
     abstract = jax.eval_shape(trainer.init, init_key)
     resumed = checkpoint.restore_train(mngr, abstract, config, str(run_dir))
-    if resumed is None:  # jitted: one (persistently cached) compile, not op-by-op dispatch
-        return jax.jit(trainer.init)(init_key), None
+    if resumed is None or resumed.state is None:  # jitted: one (cached) compile
+        return jax.jit(trainer.init)(init_key), resumed
     return resumed.state, resumed
 
 
@@ -146,12 +146,12 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     mngr = checkpoint.manager(run_dir, keep=train["checkpoints_to_keep"])
     state, resumed = _initial_state(trainer, mngr, config, run_dir)
-    chunk = 0 if resumed is None else resumed.meta["chunk"]
+    chunk = 0 if resumed is None or resumed.meta is None else resumed.meta["chunk"]
     if resumed is not None and resumed.damaged:
         checkpoint.move_damaged(run_dir, resumed.damaged)
         mngr.reload()
     _write_records(run_dir, config, hydra_record or {}, command or shlex.join(sys.argv))
-    if resumed is not None:
+    if resumed is not None and resumed.meta is not None:
         steps = resumed.meta["env_steps"]
         console.print(f"Resuming {run_dir} from env step {steps:,} (chunk {chunk})")
     metrics_path = run_dir / METRICS_FILE

@@ -133,8 +133,14 @@ def test_bad_command_lines_fail_before_any_work(tmp_path, override, message):
 
 
 def _committed_steps(run_dir: Path) -> list[int]:
+    """Steps whose save completed: Orbax committed them and their hashes are recorded (a
+    step killed between the two is restarted; tests/test_reliability.py pins that)."""
     ckpt = run_dir / "checkpoints"
-    return [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
+    return (
+        [int(p.name) for p in ckpt.iterdir() if (p / checkpoint.HASH_FILE).is_file()]
+        if ckpt.is_dir()
+        else []
+    )
 
 
 def test_kill_9_then_rerun_resumes_to_the_same_result(tmp_path):

@@ -285,6 +285,13 @@ def test_resume_skips_a_damaged_train_state_and_writes_nothing_when_none_is_inta
     assert not (copy / "checkpoints" / "400").exists()
     assert (copy / checkpoint.DAMAGED_DIR / "400" / "state").is_dir()
 
+    # killed between Orbax's commit and the hash record (the save's last step): those
+    # steps are not committed; with nothing else left, training starts afresh
+    killed = damaged_copy(run, tmp_path / "k", 200, 400, how="lose_hashes")
+    with pytest.warns(checkpoint.CheckpointWarning, match="did not complete.*starting afresh"):
+        resumed = checkpoint.restore_train(checkpoint.manager(killed), abstract, config, "x")
+    assert resumed.state is None and [s for s, _ in resumed.damaged] == [400, 200]
+
     # through the CLI: nothing intact → exit 5, one line, run.yaml and .hydra/ untouched
     broken = damaged_copy(run, tmp_path / "b", 200, 400)
     (broken / ".hydra").mkdir()
