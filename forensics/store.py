@@ -775,7 +775,7 @@ class EpisodeStore:
                 raise StoreError(
                     f"store {self.path}: chunk {info.file} {problem}; "
                     f"{info.episodes} of {sum(c['episodes'] for c in manifest['chunks'])} "
-                    "episodes unreadable (--allow-partial uses the other chunks)"
+                    "episodes unreadable (diagnose, evaluate: --allow-partial uses the others)"
                 )
             else:
                 self.skipped.append((info.file, problem))

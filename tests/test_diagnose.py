@@ -377,7 +377,7 @@ def test_bad_input_is_one_line_and_writes_nothing(stores, foreign, run_dir, tmp_
          f"store {protocol}: env num_agents is 3, but the checkpoint"),
         (diagnose_args(protocol, foreign["clean_seed1"]),
          f"calibration store {foreign['clean_seed1']}: written by checkpoint"),
-        (diagnose_args(truncated, clean), "26 of 52 episodes unreadable (--allow-partial"),
+        (diagnose_args(truncated, clean), "26 of 52 episodes unreadable (diagnose, evaluate"),
         (diagnose_args(truncated, clean, "--allow-partial"), "holds no committed episodes"),
         (diagnose_args(run_dir, clean, "--run", run_dir), "not an episode store"),
         (diagnose_args(protocol, clean, "forensics.calibration.alpha=2"),

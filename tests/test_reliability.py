@@ -174,7 +174,7 @@ def test_a_missing_or_truncated_chunk_is_an_error_unless_partial_is_allowed(tmp_
     with pytest.raises(StoreError) as err:
         st.open_store(path)
     assert "chunk chunk-000001.parquet" in str(err.value)
-    assert "4 of 10 episodes unreadable (--allow-partial uses the other chunks)" in str(err.value)
+    assert "4 of 10 episodes unreadable (diagnose, evaluate: --allow-partial" in str(err.value)
     with pytest.warns(UserWarning, match="skipping chunk chunk-000001"):
         partial = st.open_store(path, on_corrupt="skip")
     assert partial.partial and partial.n_episodes == 6 and partial.manifest_episodes == 10
