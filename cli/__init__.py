@@ -116,20 +116,32 @@ def one_line_errors(*also: type[Exception]) -> Iterator[None]:
     exception types ``also`` names — ends the command with ``error: <one line>`` on stderr
     and its class's exit status (``exit_code``). Warnings print as ``warning: <one line>``.
     Anything else is a bug and keeps its traceback."""
-    import warnings
-
     import typer
     from hydra.errors import HydraException
 
     from forensics.store import CheckpointError, StoreError
 
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *a, **k: typer.echo(f"warning: {message}", err=True)
+    with one_line_warnings():
         try:
             yield
         except (HydraException, StoreError, CheckpointError, FileNotFoundError, *also) as err:
             typer.echo(f"error: {one_line(err)}", err=True)
             raise typer.Exit(exit_code(err)) from None
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Warnings shown as ``warning: <message>`` (no file:line, no source line). Only the
+    format changes: whoever records warnings (``pytest.warns``, a caller's
+    ``catch_warnings``) still receives them."""
+    import warnings
+
+    saved = warnings.formatwarning
+    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
 
 
 @contextlib.contextmanager

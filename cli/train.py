@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -81,14 +80,13 @@ def task(cfg: DictConfig) -> None:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from cli import exit_code, one_line
+    from cli import exit_code, one_line, one_line_warnings
     from configs.schema import ConfigError
     from forensics.store import CheckpointError, StoreError
 
     TASK_STARTED.append(True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda m, *a, **k: print(f"warning: {m}", file=sys.stderr)
+    with one_line_warnings():
         try:
             _task(cfg)
         except (ConfigError, CheckpointError, StoreError) as err:
