@@ -137,10 +137,12 @@ def sc2_evaluate(
     * `forensics sc2-evaluate runs/smax_3s_vs_3z-hatrpo-seed0 --map 3s_vs_3z --episodes 20`
     """
     from cli import EXIT_MISSING_GAME, one_line_errors
+    from configs.schema import check_seed
     from envs.sc2 import Sc2InstallError
 
     try:
         with one_line_errors(ValueError):
+            check_seed(seed, "--seed")
             result = evaluate_in_sc2(run_dir, map_name, episodes, sc2path, seed, difficulty)
     except Sc2InstallError as err:
         typer.echo(f"error: {err}", err=True)
@@ -224,6 +226,7 @@ def sc2_rollout(
     from agents import checkpoint
     from agents.attacks import Attack
     from cli import enable_compilation_cache, invocation, progress_bar, recording, recording_errors
+    from configs.schema import check_seed
     from envs.sc2 import Sc2InstallError, check_install
 
     console = Console(soft_wrap=True)
@@ -231,6 +234,7 @@ def sc2_rollout(
     env = None
     try:
         with recording_errors(out):
+            check_seed(game_seed, "--game-seed")
             check_install(sc2path, map_name)
             seed_list = recording.parse_seeds(seeds)
             overrides = list(overrides or [])
