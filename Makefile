@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_RUN := runs/simple_spread_3-maddpg-seed0
 
-.PHONY: install demo test test-slow sweep-smoke lint bench
+.PHONY: install demo test test-slow sweep-smoke lint bench gpu-check
 
 install: $(VENV)/.installed
 
@@ -59,3 +59,9 @@ bench: install
 	$(BIN)/python scripts/benchmark_train.py --smax 3s_vs_3z
 	$(BIN)/python scripts/benchmark_rollout.py
 	$(BIN)/python scripts/benchmark_diagnose.py
+
+# The device check on a machine with a GPU (docs/gpu.md): numerics against the CPU's stored
+# values, then diagnose / training throughput; rows and logs under $(OUT) (default
+# ./gpu-check-out).
+gpu-check: install
+	PYTHON=$(BIN)/python scripts/gpu_check.sh

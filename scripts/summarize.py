@@ -1,0 +1,194 @@
+"""results/summary.csv and the tables the README and docs/ quote from it, in one pass.
+
+    .venv/bin/python scripts/summarize.py [--check]
+
+1. Every fragment ``results/*.csv`` (except summary.csv) is a set of rows a command
+   measured (``forensics.results`` columns; its ``command`` column says which). They are
+   validated and joined into ``results/summary.csv``, sorted, so the file changes only
+   when a figure does.
+2. Every Markdown file under the repository root and docs/ is scanned for blocks
+
+       <!-- table:NAME -->
+       …
+       <!-- /table:NAME -->
+
+   and the text between the markers is replaced by table NAME of ``TABLES``, built from
+   summary.csv alone. Prose around a table quotes it; nothing in a table is typed by hand.
+
+``--check`` writes nothing and exits 1 if summary.csv or a table is out of date (a test
+runs it, so a fragment added without regenerating fails the suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from forensics.results import COLUMNS, read_rows  # noqa: E402
+
+RESULTS = ROOT / "results"
+SUMMARY = RESULTS / "summary.csv"
+MARKER = re.compile(
+    r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S
+)
+
+
+def fragments() -> list[Path]:
+    return sorted(p for p in RESULTS.glob("*.csv") if p != SUMMARY)
+
+
+def summary_frame() -> pd.DataFrame:
+    """All fragments' rows, validated, as one sorted frame of strings."""
+    rows = [r for p in fragments() for r in read_rows(p)]
+    frame = pd.DataFrame(rows, columns=list(COLUMNS)).fillna("")
+    return frame.sort_values(list(COLUMNS)).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------ tables
+def _fmt(value: str, metric: str) -> str:
+    x = float(value)
+    if metric.endswith("_per_s"):  # rates: millions past a million, else whole numbers
+        return f"{x / 1e6:.3g} M" if x >= 1e6 else f"{x:,.0f}"
+    if metric.endswith(("_s", "gib")):
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+def _order(column: pd.Series) -> pd.Series:
+    """Sort key: numbers as numbers (10000 before 100000), other text as text."""
+    numeric = pd.to_numeric(column, errors="coerce")
+    return numeric if numeric.notna().all() else column
+
+
+@dataclass(frozen=True)
+class Table:
+    """A pivot of summary rows: ``keep`` selects rows, ``index`` names the row labels,
+    ``columns`` the metrics shown (in order), ``labels`` their headers."""
+
+    keep: Callable[[pd.DataFrame], pd.Series]
+    index: tuple[str, ...]
+    columns: tuple[str, ...]
+    labels: tuple[str, ...]
+    index_labels: tuple[str, ...]
+
+    def render(self, frame: pd.DataFrame) -> str:
+        rows = frame[self.keep(frame)]
+        rows = rows.sort_values(list(self.index), key=_order, kind="stable")
+        if rows.empty:
+            return "_(no rows in results/summary.csv yet)_\n"
+        lines = [
+            "| " + " | ".join((*self.index_labels, *self.labels)) + " |",
+            "|" + "---|" * (len(self.index) + len(self.columns)),
+        ]
+        for key, group in rows.groupby(list(self.index), sort=False):
+            values = dict(zip(group["metric"], group["value"], strict=True))
+            cells = [_fmt(values[m], m) if m in values else "" for m in self.columns]
+            if any(cells):
+                lines.append("| " + " | ".join((*map(str, key), *cells)) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def _gpu(frame: pd.DataFrame) -> pd.Series:
+    return (frame["setting"] == "benchmark") & frame["device"].str.startswith("gpu")
+
+
+TABLES: dict[str, Table] = {
+    "gpu-diagnose": Table(
+        keep=lambda f: (
+            _gpu(f)
+            & f["instrument"].isin(
+                ["rollout", "critic_geometry", "diagnose:paper", "diagnose:default"]
+            )
+        ),
+        index=("device", "instrument", "episodes", "commit"),
+        columns=(
+            "episodes_per_s",
+            "hvp_per_s",
+            "compile_s",
+            "compile_measure_s",
+            "compile_decide_s",
+        ),
+        labels=("episodes/s", "HVP/s", "compile s", "compile measure s", "compile decide s"),
+        index_labels=("device", "what", "episodes (batch 5,000)", "commit"),
+    ),  # fmt: skip
+    "gpu-train": Table(
+        keep=lambda f: _gpu(f) & (f["instrument"] == "train"),
+        index=("device", "algo", "n_agents", "episodes", "commit"),
+        columns=("env_steps_per_s", "compile_s"),
+        labels=("env-steps/s", "compile s"),
+        index_labels=("device", "algo", "N", "parallel envs", "commit"),
+    ),
+    "gpu-numerics": Table(
+        keep=lambda f: _gpu(f) & f["instrument"].str.startswith("numerics:"),
+        index=("device", "instrument", "commit"),
+        columns=(
+            "worst_over_tolerance@default",
+            "within_tolerance@default",
+            "worst_over_tolerance@highest",
+            "within_tolerance@highest",
+        ),
+        labels=(
+            "worst / tolerance, GPU default (TF32)",
+            "% of arrays within, default",
+            "worst / tolerance, float32",
+            "% within, float32",
+        ),
+        index_labels=("device", "case", "commit"),
+    ),
+}
+
+
+def render_tables(frame: pd.DataFrame, text: str, where: Path) -> str:
+    def replace(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise SystemExit(f"{where}: table {name!r} is not one of {sorted(TABLES)}")
+        return m.group(1) + TABLES[name].render(frame) + m.group(4)
+
+    return MARKER.sub(replace, text)
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if anything is stale")
+    args = parser.parse_args(argv)
+    frame = summary_frame()
+    csv_text = frame.to_csv(index=False, lineterminator="\n")
+    stale = []
+    outputs = {SUMMARY: csv_text}
+    for doc in documents():
+        if doc.exists():
+            text = doc.read_text()
+            outputs[doc] = render_tables(frame, text, doc)
+    for path, text in outputs.items():
+        if not path.exists() or path.read_text() != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(text)
+    rel = [str(p.relative_to(ROOT)) for p in stale]
+    if args.check:
+        if rel:
+            print(f"out of date (run scripts/summarize.py): {', '.join(rel)}")
+            return 1
+        print(f"summary.csv and tables up to date ({len(frame)} rows)")
+        return 0
+    done = ", ".join(rel) or "nothing"
+    print(f"{len(frame)} rows from {len(fragments())} fragments; rewrote {done}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
