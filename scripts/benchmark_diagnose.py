@@ -7,7 +7,8 @@ jitted over batches of episodes × steps × agents) vs a naive per-step, per-age
   evidence; ``decide_all``: onsets, candidates, both tracebacks, contagion weights, for both
   calibrations and both baselines). Compilation is timed apart: ``measure`` as the first
   ``calibrate`` − a second, warm one; ``decide_all`` as the first scored batch − the mean
-  later batch. Steady state = the scored batches after the first (store reads excluded).
+  later batch. Steady state = the scored batches after the first (store reads included:
+  ``score_batches`` reads batch k + 1 while the device computes batch k).
 * naive: for each episode, step and agent a jitted single-sample call of the Stage-1
   statistic (``stage1._agent_step_score``, the function ``stage1_scores`` vmaps), and for
   each (step, critic j, agent i) one jitted single-sample call computing g = ∇_a Q_j by
