@@ -70,15 +70,25 @@ def _order(column: pd.Series) -> pd.Series:
 
 
 @dataclass(frozen=True)
+class Col:
+    """One table column: the ``metric`` of the rows matching ``instrument`` / ``subset``
+    (None: any), shown with its ± 95 % half-width when the row has one."""
+
+    label: str
+    metric: str
+    instrument: str | None = None
+    subset: str | None = None
+
+
+@dataclass(frozen=True)
 class Table:
-    """A pivot of summary rows: ``keep`` selects rows, ``index`` names the row labels,
-    ``columns`` the metrics shown (in order), ``labels`` their headers."""
+    """A pivot of summary rows: ``keep`` selects rows, ``index`` names the row labels (one
+    table row per distinct value), ``columns`` what is shown."""
 
     keep: Callable[[pd.DataFrame], pd.Series]
     index: tuple[str, ...]
-    columns: tuple[str, ...]
-    labels: tuple[str, ...]
     index_labels: tuple[str, ...]
+    columns: tuple[Col, ...]
 
     def render(self, frame: pd.DataFrame) -> str:
         rows = frame[self.keep(frame)]
@@ -86,21 +96,38 @@ class Table:
         if rows.empty:
             return "_(no rows in results/summary.csv yet)_\n"
         lines = [
-            "| " + " | ".join((*self.index_labels, *self.labels)) + " |",
+            "| " + " | ".join((*self.index_labels, *(c.label for c in self.columns))) + " |",
             "|" + "---|" * (len(self.index) + len(self.columns)),
         ]
         for key, group in rows.groupby(list(self.index), sort=False):
-            values = dict(zip(group["metric"], group["value"], strict=True))
-            cells = [_fmt(values[m], m) if m in values else "" for m in self.columns]
+            cells = [self.cell(group, c) for c in self.columns]
             if any(cells):
                 lines.append("| " + " | ".join((*map(str, key), *cells)) + " |")
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def cell(group: pd.DataFrame, col: Col) -> str:
+        hit = group["metric"] == col.metric
+        if col.instrument is not None:
+            hit &= group["instrument"] == col.instrument
+        if col.subset is not None:
+            hit &= group["subset"] == col.subset
+        if not hit.any():
+            return ""
+        row = group[hit].iloc[0]
+        text = _fmt(row["value"], col.metric)
+        return text + (f" ± {float(row['ci95']):.2g}" if row["ci95"] not in ("", "nan") else "")
 
 
 def _gpu(frame: pd.DataFrame) -> pd.Series:
     return (frame["setting"] == "benchmark") & frame["device"].str.startswith("gpu")
 
 
+def _cols(*spec: tuple[str, str]) -> tuple[Col, ...]:
+    return tuple(Col(label, metric) for label, metric in spec)
+
+
+OLD = "stage1+stage2 (old default)"
 TABLES: dict[str, Table] = {
     "gpu-diagnose": Table(
         keep=lambda f: (
@@ -110,40 +137,57 @@ TABLES: dict[str, Table] = {
             )
         ),
         index=("device", "instrument", "episodes", "commit"),
-        columns=(
-            "episodes_per_s",
-            "hvp_per_s",
-            "compile_s",
-            "compile_measure_s",
-            "compile_decide_s",
-        ),
-        labels=("episodes/s", "HVP/s", "compile s", "compile measure s", "compile decide s"),
         index_labels=("device", "what", "episodes (batch 5,000)", "commit"),
+        columns=_cols(
+            ("episodes/s", "episodes_per_s"),
+            ("HVP/s", "hvp_per_s"),
+            ("compile s", "compile_s"),
+            ("compile measure s", "compile_measure_s"),
+            ("compile decide s", "compile_decide_s"),
+        ),
     ),  # fmt: skip
     "gpu-train": Table(
         keep=lambda f: _gpu(f) & (f["instrument"] == "train"),
         index=("device", "algo", "n_agents", "episodes", "commit"),
-        columns=("env_steps_per_s", "compile_s"),
-        labels=("env-steps/s", "compile s"),
         index_labels=("device", "algo", "N", "parallel envs", "commit"),
+        columns=_cols(("env-steps/s", "env_steps_per_s"), ("compile s", "compile_s")),
     ),
     "gpu-numerics": Table(
         keep=lambda f: _gpu(f) & f["instrument"].str.startswith("numerics:"),
         index=("device", "instrument", "commit"),
-        columns=(
-            "worst_over_tolerance@default",
-            "within_tolerance@default",
-            "worst_over_tolerance@highest",
-            "within_tolerance@highest",
-        ),
-        labels=(
-            "worst / tolerance, GPU default (TF32)",
-            "% of arrays within, default",
-            "worst / tolerance, float32",
-            "% within, float32",
-        ),
         index_labels=("device", "case", "commit"),
+        columns=_cols(
+            ("worst / tolerance, GPU default (TF32)", "worst_over_tolerance@default"),
+            ("% of arrays within, default", "within_tolerance@default"),
+            ("worst / tolerance, float32", "worst_over_tolerance@highest"),
+            ("% within, float32", "within_tolerance@highest"),
+        ),
     ),
+    "logonly-verdict": Table(
+        keep=lambda f: (f["setting"] == "log-only") & f["instrument"].isin(["verdict", OLD]),
+        index=("env", "algo", "n_agents", "fault"),
+        index_labels=("env", "algo", "N", "fault"),
+        columns=(
+            Col("Patient-0, impactful (%)", "patient0", "verdict", "impactful"),
+            Col("Patient-0, all (%)", "patient0", "verdict", "all"),
+            Col("AUC, impactful (%)", "auc", "verdict", "impactful"),
+            Col("clean FPR (%)", "fpr", "verdict", "all"),
+            Col("delay median", "delay_median", "verdict", "impactful"),
+            Col("delay p90", "delay_p90", "verdict", "impactful"),
+            Col("old default: Patient-0, impactful", "patient0", OLD, "impactful"),
+        ),
+    ),
+    "fault-efficacy": Table(
+        keep=lambda f: f["instrument"] == "efficacy",
+        index=("env", "algo", "n_agents", "fault"),
+        index_labels=("env", "algo", "N", "fault"),
+        columns=_cols(
+            ("team-return drop", "team_return_drop"),
+            ("drop % of clean", "team_return_drop_pct"),
+            ("victim's action changed (%)", "action_changed"),
+            ("hurt (%)", "share_hurt"),
+        ),
+    ),  # fmt: skip
 }
 
 
