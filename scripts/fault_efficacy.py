@@ -155,7 +155,18 @@ def markdown(df: pd.DataFrame, run: Path, seeds: str) -> str:
             f"{v('action_changed'):.1f} ± {c('action_changed'):.1f} | {v('share_hurt'):.1f} |"
         )
     clean = wide[("value", "clean_team_return")].iloc[0]
-    lines += ["", f"Clean team return (mean over the seeds): {clean:.2f}.", ""]
+    lines += [
+        "",
+        f"Clean team return (mean over the seeds): {clean:.2f}. Magnitude is the fault's own "
+        "unit (`Attack.magnitude`: ε, σ, offset, p, k; 0 where it has none); "
+        "action_saturation's `fraction` applies to continuous actions only — on a discrete "
+        "policy the fault is the loss of one movement axis. With every feature frozen, a "
+        "greedy deterministic victim repeats its onset action, so obs_frozen and "
+        "stuck_actuator play the same episodes (their logs differ: a frozen sensor's "
+        "perceived observation is frozen too). The defaults of the faults that existed "
+        "before the library (obs_gaussian, action_noise, param_noise, FGSM/PGD) are unchanged.",
+        "",
+    ]
     return "\n".join(lines)
 
 
