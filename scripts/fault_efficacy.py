@@ -8,7 +8,8 @@ reads the efficacy from each store (``cli.recording.efficacy``: team returns str
 the store, ``agents.rollout.action_changed`` on its action columns) and writes
 
 * ``<prefix>.csv``: long format, one row per figure, with the columns of DESIGN.md
-  "Results as data" (setting log-only, instrument efficacy, subset all);
+  "Results as data" (setting log-only, instrument efficacy, subset all; ``commit`` = the
+  code version the store's sessions recorded the episodes with);
 * ``<prefix>.md``: the same figures as one markdown table.
 
     scripts/fault_efficacy.py runs/simple_spread_3-maddpg-seed0 --stores /tmp/faults \\
@@ -58,17 +59,10 @@ COLUMNS = (
 )
 
 
-def commit_of(repo: Path) -> str:
-    """HEAD of the code that ran, with ``-dirty`` when the tree had uncommitted changes."""
-    head = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    dirty = subprocess.run(
-        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    return head + ("-dirty" if dirty else "")
+def code_versions(store) -> str:
+    """The commits of the code that recorded a store's episodes (its sessions), short."""
+    seen = dict.fromkeys(sess["code_version"] for sess in store.meta.sessions)
+    return "+".join(v[:12] + ("+dirty" if v.endswith("+dirty") else "") for v in seen)
 
 
 def record(run: Path, store: Path, seeds: str, attack: str, extra: list[str]) -> str:
@@ -83,7 +77,7 @@ def record(run: Path, store: Path, seeds: str, attack: str, extra: list[str]) ->
     return shlex.join(shown)
 
 
-def rows_of(label: str, store_dir: Path, command: str, commit: str) -> list[dict]:
+def rows_of(label: str, store_dir: Path, command: str) -> list[dict]:
     from agents.attacks import Attack
     from cli import recording
     from forensics.store import open_store
@@ -104,7 +98,7 @@ def rows_of(label: str, store_dir: Path, command: str, commit: str) -> list[dict
         "subset": "all",
         "episodes": int(row.episodes),
         "command": command,
-        "commit": commit,
+        "commit": code_versions(store),
     }
     figures = [
         ("team_return_drop", row.drop, row.drop_ci95),
@@ -178,15 +172,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0:200")
     parser.add_argument("--only", nargs="*", help="labels to (re)record; default: all")
     args = parser.parse_args()
-    repo = Path(__file__).resolve().parents[1]
-    commit = commit_of(repo)
     rows = []
     for label, attack, extra in FAULTS:
         if args.only and label not in args.only:
             continue
         store = args.stores / label
         command = record(args.run, store, args.seeds, attack, extra)
-        rows += rows_of(label, store, command, commit)
+        rows += rows_of(label, store, command)
     df = pd.DataFrame(rows, columns=COLUMNS.split(","))
     args.prefix.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.prefix.with_suffix(".csv"), index=False)
