@@ -96,6 +96,15 @@ def diagnose(
         Path | None,
         typer.Option("--out", "-o", help="Output directory [default: STORE/diagnosis]."),
     ] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option(
+            "--models",
+            "-m",
+            help="Log-only models (`forensics fit-models`): adds the cross-agent, own-dynamics, "
+            "decision-gap and teammate instruments and makes their fused verdict the default.",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress spinner.")] = True,
 ) -> None:
     from rich.console import Console
@@ -117,7 +126,7 @@ def diagnose(
             with status.status(f"diagnosing {store}") if progress else nullcontext():
                 summary = run_diagnosis(
                     store, run_dir, calibration, partial, config,
-                    log=lambda line: status.print(line, highlight=False),
+                    log=lambda line: status.print(line, highlight=False), models=models,
                 )  # fmt: skip
             summary["command"] = invocation(ctx)
             (partial / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -239,6 +248,14 @@ def _report(console, out: Path, summary: dict[str, Any]) -> None:
             f"{t_det[flagged].mean():.1f}" if flagged.any() else "—",
         )
     console.print(view)
+    lo = summary.get("logonly") or {}
+    for name, why in lo.get("availability", {}).items():
+        console.print(f"  log-only {name}: {why}")
+    flagged = int((verdicts["verdict_candidate"][ok] >= 0).sum())
+    console.print(
+        f"Verdict ({summary['logonly']['verdict']}): {flagged:,} / {int(ok.sum()):,} "
+        "episodes with a failure found"
+    )
     console.print(f"Wrote {out}: verdicts.parquet, scores.npz, summary.json, graphs/")
 
 

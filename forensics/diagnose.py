@@ -894,6 +894,42 @@ def calibration_arrays(cals: Calibrations) -> dict[str, np.ndarray]:
     return out
 
 
+def add_logonly_verdicts(
+    verdicts: pd.DataFrame,
+    inputs: Inputs,
+    models: str | Path | None,
+    clean: Mapping[str, np.ndarray],
+    scored_seeds: np.ndarray,
+    cfg: DiagnoseConfig,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Add the log-only columns ``lo_<group>_{candidate,t_det,score,agent_t_det}`` and the
+    default decision ``verdict_{candidate,t_det,score}``: the fused log-only verdict when the
+    models are given and it can run, else Stage 1 + the deployable Stage 2 (``budget``)."""
+    from forensics.logonly import pipeline
+
+    if cfg.observations != "obs_perceived":
+        raise StoreError("--models: the log-only instruments read obs_perceived only")
+    cols, summary = pipeline.diagnose(
+        inputs, models, clean, scored_seeds, cfg.batch_episodes, cfg.alpha
+    )
+    for name, why in summary["availability"].items():
+        if why != "available":
+            log(f"log-only instrument {name}: unavailable: {why}")
+    if cols is not None:
+        row = pd.Index(cols["episode_id"]).get_indexer(verdicts["episode_id"])
+        for k, v in cols.items():
+            if k != "episode_id":
+                v = v[row]
+                verdicts[f"lo_{k}"] = [r.tolist() for r in v] if v.ndim > 1 else v
+    fused = cols is not None and "verdict_candidate" in cols
+    src = "lo_verdict" if fused else "budget_deployable"
+    verdicts["verdict_candidate"] = verdicts[f"{src}_candidate" if fused else src]
+    verdicts["verdict_t_det"] = verdicts["lo_verdict_t_det" if fused else "budget_t_det"]
+    summary["verdict"] = "log-only fused" if fused else "stage1+stage2 (budget, deployable)"
+    return summary
+
+
 def diagnose(
     store_path: str | Path,
     run_dir: str | Path,
@@ -901,9 +937,12 @@ def diagnose(
     out_dir: str | Path,
     config: Mapping[str, Any],
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    models: str | Path | None = None,
 ) -> dict[str, Any]:
     """Diagnose every episode of ``store_path``; write verdicts, scores, graphs and a summary
-    to ``out_dir``; returns the summary. ``config`` is the ``forensics`` config section."""
+    to ``out_dir``; returns the summary. ``config`` is the ``forensics`` config section;
+    ``models`` a ``forensics fit-models`` directory for the log-only instruments
+    (``forensics.logonly``), whose fused verdict is then the ``verdict`` column."""
     t_start = time.perf_counter()
     cfg = DiagnoseConfig.from_mapping(config)
     inputs = open_inputs(store_path, run_dir, calibration_path, cfg.stage1)
@@ -945,6 +984,7 @@ def diagnose(
     decisions = {name: split(host, name) for name in CALIBRATIONS}
     baselines = {name: split(host, name) for name in BASELINES}
     verdicts = verdict_rows(host["episode_id"], host["seed"], host["ok"], decisions, baselines)
+    logonly = add_logonly_verdicts(verdicts, inputs, models, clean, scored_seeds, cfg, log)
     skipped = int((~host["ok"]).sum())
     if skipped:
         log(
@@ -983,6 +1023,7 @@ def diagnose(
             for name in (*CALIBRATIONS, *BASELINES)
         },
         "edge_threshold": edge_thr.tolist(),
+        "logonly": logonly,
         "episodes_scored": int(len(verdicts)),
         "episodes_skipped": skipped,
         "code_version": current_code_version(),
