@@ -4,7 +4,6 @@ hand-worked cases, and the fit-models → diagnose --models → evaluate --long 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -141,9 +140,10 @@ def test_availability_names_what_an_instrument_lacks():
     assert "discrete" in I.availability(3, 25, False, full, fitted)["teammate"]
     a = I.availability(3, 25, True, full, None)
     assert all("fit-models" in v for v in a.values())
-    assert "no obs_perceived" in I.availability(3, 25, True, full - {"obs_perceived"}, fitted)[
-        "dynamics"
-    ]
+    assert (
+        "no obs_perceived"
+        in I.availability(3, 25, True, full - {"obs_perceived"}, fitted)["dynamics"]
+    )
 
 
 def test_models_of_another_checkpoint_or_env_are_refused_naming_both(tmp_path):
