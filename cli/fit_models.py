@@ -56,7 +56,9 @@ def fit_models(
                 raise ConfigError(f"{item}: expected fit.<field>=<value>")
             fields[key.removeprefix("fit.")] = yaml.safe_load(value)
         cfg = models.FitConfig.from_mapping(fields)
-        target = out if out is not None else run_dir / "logonly-models"
+        from cli.diagnose import DEFAULT_MODELS
+
+        target = out if out is not None else run_dir / DEFAULT_MODELS
         meta = pipeline.fit_and_save(run_dir, clean, target, cfg)
     r = meta["report"]
     typer.echo(
