@@ -140,7 +140,8 @@ def time_logonly(
     from forensics.logonly import pipeline
 
     inputs = dg.open_inputs(store, run, calibration, cfg.stage1)
-    clean = dg.load_clean(inputs.calibration, (*pipeline.SCORED_FIELDS, "seed"))
+    fields = (*pipeline.SCORED_FIELDS, "seed", *dg.mask_fields(inputs))
+    clean = dg.load_clean(inputs.calibration, tuple(dict.fromkeys(fields)))
     seeds = np.concatenate([b["seed"] for b in inputs.store.iter_batches(["seed"], 1 << 16)])
     runs = [pipeline.diagnose(inputs, models, clean, seeds, cfg.batch_episodes, cfg.alpha)[1]]
     runs.append(pipeline.diagnose(inputs, models, clean, seeds, cfg.batch_episodes, cfg.alpha)[1])
