@@ -535,6 +535,24 @@ def impactful(store: EpisodeStore, gt: pd.DataFrame, ids: np.ndarray) -> np.ndar
     return (~g["clean"].to_numpy(bool)) & (cf.partner >= 0) & changed & hurt
 
 
+def fault_label(store: EpisodeStore, attack: str) -> str:
+    """The attack config name, plus every setting the store was recorded with that differs
+    from that config's defaults (configs/attack/<name>.yaml), e.g. ``obs_bias(offset=0.05)``:
+    a variant of a fault gets rows of its own."""
+    import yaml
+
+    import configs
+
+    default_file = Path(configs.__file__).parent / "attack" / f"{attack}.yaml"
+    recorded = store.meta.config.get("attack", {})
+    if not default_file.is_file() or recorded.get("name") != attack:
+        return attack
+    default = yaml.safe_load(default_file.read_text()) or {}
+    diff = [f"{k}={recorded[k]}" for k in sorted(recorded) if recorded[k] != default.get(k)]
+    label = f"{attack}({', '.join(diff)})" if diff else attack
+    return label.replace("'", "")
+
+
 def long_rows(diag: Diagnosis, command: str, commit: str) -> list[dict[str, Any]]:
     """The long-format figures of one diagnosis: per fault × instrument × subset, Patient-0
     accuracy (strict: names the victim at or after the onset), clean FPR, ROC AUC (attacked of
@@ -556,7 +574,8 @@ def long_rows(diag: Diagnosis, command: str, commit: str) -> list[dict[str, Any]
     rows = []
 
     def add(fault, inst, subset, metric, value, ci, episodes):
-        keys = {"fault": fault, "instrument": inst, "subset": subset, "metric": metric}
+        label = fault_label(store, fault) if fault != "none" else fault
+        keys = {"fault": label, "instrument": inst, "subset": subset, "metric": metric}
         rows.append({**base, **keys, "value": value, "ci95": ci, "episodes": int(episodes)})
 
     for inst, (cand, t_det, score) in instrument_columns(diag).items():
