@@ -65,6 +65,7 @@ from forensics.calibration import (
     normalise,
     paper_calibration,
 )
+from forensics.logonly.pipeline import add_verdicts
 from forensics.stage1 import (
     Onsets,
     Stage1Config,
@@ -894,42 +895,6 @@ def calibration_arrays(cals: Calibrations) -> dict[str, np.ndarray]:
     return out
 
 
-def add_logonly_verdicts(
-    verdicts: pd.DataFrame,
-    inputs: Inputs,
-    models: str | Path | None,
-    clean: Mapping[str, np.ndarray],
-    scored_seeds: np.ndarray,
-    cfg: DiagnoseConfig,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    """Add the log-only columns ``lo_<group>_{candidate,t_det,score,agent_t_det}`` and the
-    default decision ``verdict_{candidate,t_det,score}``: the fused log-only verdict when the
-    models are given and it can run, else Stage 1 + the deployable Stage 2 (``budget``)."""
-    from forensics.logonly import pipeline
-
-    if cfg.observations != "obs_perceived":
-        raise StoreError("--models: the log-only instruments read obs_perceived only")
-    cols, summary = pipeline.diagnose(
-        inputs, models, clean, scored_seeds, cfg.batch_episodes, cfg.alpha
-    )
-    for name, why in summary["availability"].items():
-        if why != "available":
-            log(f"log-only instrument {name}: unavailable: {why}")
-    if cols is not None:
-        row = pd.Index(cols["episode_id"]).get_indexer(verdicts["episode_id"])
-        for k, v in cols.items():
-            if k != "episode_id":
-                v = v[row]
-                verdicts[f"lo_{k}"] = [r.tolist() for r in v] if v.ndim > 1 else v
-    fused = cols is not None and "verdict_candidate" in cols
-    src = "lo_verdict" if fused else "budget_deployable"
-    verdicts["verdict_candidate"] = verdicts[f"{src}_candidate" if fused else src]
-    verdicts["verdict_t_det"] = verdicts["lo_verdict_t_det" if fused else "budget_t_det"]
-    summary["verdict"] = "log-only fused" if fused else "stage1+stage2 (budget, deployable)"
-    return summary
-
-
 def diagnose(
     store_path: str | Path,
     run_dir: str | Path,
@@ -984,7 +949,11 @@ def diagnose(
     decisions = {name: split(host, name) for name in CALIBRATIONS}
     baselines = {name: split(host, name) for name in BASELINES}
     verdicts = verdict_rows(host["episode_id"], host["seed"], host["ok"], decisions, baselines)
-    logonly = add_logonly_verdicts(verdicts, inputs, models, clean, scored_seeds, cfg, log)
+    if models is not None and cfg.observations != "obs_perceived":
+        raise StoreError("--models: the log-only instruments read obs_perceived only")
+    logonly = add_verdicts(
+        verdicts, inputs, models, clean, scored_seeds, cfg.batch_episodes, cfg.alpha, log
+    )
     skipped = int((~host["ok"]).sum())
     if skipped:
         log(

@@ -6,11 +6,12 @@ their ``clean`` column only (those stores are references, not the episodes being
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from forensics.logonly import instruments as I
 from forensics.logonly import models as M
@@ -148,3 +149,34 @@ def _batches(arrays: Mapping[str, np.ndarray], size: int):
     n = len(arrays["episode_id"])
     for lo in range(0, n, size):
         yield {k: v[lo : lo + size] for k, v in arrays.items()}
+
+
+def add_verdicts(
+    verdicts: pd.DataFrame,
+    inputs: Any,
+    models: str | Path | None,
+    clean: Mapping[str, np.ndarray],
+    scored_seeds: np.ndarray,
+    batch: int,
+    alpha: float,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Add the log-only columns ``lo_<group>_{candidate,t_det,score,agent_t_det}`` and the
+    default decision ``verdict_{candidate,t_det,score}``: the fused log-only verdict when the
+    models are given and it can run, else Stage 1 + the deployable Stage 2 (``budget``)."""
+    cols, summary = diagnose(inputs, models, clean, scored_seeds, batch, alpha)
+    for name, why in summary["availability"].items():
+        if why != "available":
+            log(f"log-only instrument {name}: unavailable: {why}")
+    if cols is not None:
+        row = pd.Index(cols["episode_id"]).get_indexer(verdicts["episode_id"])
+        for k, v in cols.items():
+            if k != "episode_id":
+                v = v[row]
+                verdicts[f"lo_{k}"] = [r.tolist() for r in v] if v.ndim > 1 else v
+    fused = cols is not None and "verdict_candidate" in cols
+    src = "lo_verdict" if fused else "budget_deployable"
+    verdicts["verdict_candidate"] = verdicts[f"{src}_candidate" if fused else src]
+    verdicts["verdict_t_det"] = verdicts["lo_verdict_t_det" if fused else "budget_t_det"]
+    summary["verdict"] = "log-only fused" if fused else "stage1+stage2 (budget, deployable)"
+    return summary
