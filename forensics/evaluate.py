@@ -619,7 +619,22 @@ def long_markdown(table: pd.DataFrame) -> str:
     """A readable view of the long table: per fault and instrument one line, impactful and all
     side by side (value ± 95 %)."""
     fmt = lambda v, c, d=1: "—" if pd.isna(v) else f"{v:.{d}f} ± {c:.{d}f}"
+    keys = table[["env", "algo", "n_agents", "setting"]].drop_duplicates()
     lines = [
+        "Log-only forensics: "
+        + "; ".join(f"{r.env} N={r.n_agents} {r.algo}, {r.setting}" for r in keys.itertuples())
+        + f". Commit {table['commit'].iloc[0][:12]}."
+        if len(table)
+        else "",
+        "",
+        "Rates and AUC in %, each ± its 95 % half-width (Wilson for rates, Hanley–McNeil for AUC, "
+        "percentile bootstrap for the delays). P0 = strict Patient-0 accuracy (the verdict "
+        "names the victim at or after the onset); impactful = the victim's action changed "
+        "inside the window and the team return fell below the paired clean episode's; FPR = "
+        "share of the store's clean episodes with any alarm; AUC = attacked vs clean on the "
+        "episode score; delays in steps over the episodes detected at or after the onset, "
+        "impactful ones. `verdict` = the fused log-only decision (diagnose's default).",
+        "",
         "| fault | instrument | P0 impactful (n) | P0 all (n) | FPR clean | AUC impactful | "
         "AUC all | delay median | delay p90 |",
         "|---|---|---|---|---|---|---|---|---|",
