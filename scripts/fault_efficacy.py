@@ -8,7 +8,8 @@ reads the efficacy from each store (``cli.recording.efficacy``: team returns str
 the store, ``agents.rollout.action_changed`` on its action columns) and writes
 
 * ``<prefix>.csv``: long format, one row per figure, with the columns of DESIGN.md
-  "Results as data" (setting log-only, instrument efficacy, subset all);
+  "Results as data" (setting log-only, instrument efficacy, subset all; ``commit`` = the
+  code version the store's sessions recorded the episodes with);
 * ``<prefix>.md``: the same figures as one markdown table.
 
     scripts/fault_efficacy.py runs/simple_spread_3-maddpg-seed0 --stores /tmp/faults \\
@@ -58,17 +59,10 @@ COLUMNS = (
 )
 
 
-def commit_of(repo: Path) -> str:
-    """HEAD of the code that ran, with ``-dirty`` when the tree had uncommitted changes."""
-    head = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    dirty = subprocess.run(
-        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    return head + ("-dirty" if dirty else "")
+def code_versions(store) -> str:
+    """The commits of the code that recorded a store's episodes (its sessions), short."""
+    seen = dict.fromkeys(sess["code_version"] for sess in store.meta.sessions)
+    return "+".join(v[:12] + ("+dirty" if v.endswith("+dirty") else "") for v in seen)
 
 
 def record(run: Path, store: Path, seeds: str, attack: str, extra: list[str]) -> str:
@@ -83,7 +77,48 @@ def record(run: Path, store: Path, seeds: str, attack: str, extra: list[str]) ->
     return shlex.join(shown)
 
 
-def rows_of(label: str, store_dir: Path, command: str, commit: str) -> list[dict]:
+def logged_costs(store, policy) -> tuple[float, float]:
+    """Mean commitment cost J = −log π_i(a_taken | o_perceived) (discrete; the Gaussian
+    analogue ½‖μ − a‖² when continuous) of the victim over its window steps, and of every
+    agent over the valid steps of the clean episodes: how surprising the executed actions
+    are to the victim's own policy on what it perceived (Stage 1's default statistic;
+    ``forensics.stage1.commitment_cost``). A fault that scores near the clean level is
+    invisible to that check."""
+    import jax
+
+    from cli import recording
+    from forensics.stage1 import commitment_cost
+
+    team, actor_params, _ = recording.team_of(policy)
+    spec = team.spec
+
+    def cost(params, obs, act, avail):
+        tau = jax.nn.one_hot(act, spec.action_dim) if spec.discrete else act
+        return commitment_cost(team.actor_apply, params, obs, tau, avail, spec.discrete)
+
+    per_agent = jax.vmap(cost, in_axes=(0, 0, 0, 0))  # [N]
+    batch = jax.jit(jax.vmap(jax.vmap(per_agent, in_axes=(None, 0, 0, 0)), in_axes=(None, 0, 0, 0)))
+    gt = store.ground_truth().set_index("episode_id")
+    window_sum = window_n = clean_sum = clean_n = 0.0
+    cols = ["episode_id", "obs_perceived", "actions", "avail", "valid"]
+    for b in store.iter_batches(cols, 2048):
+        j = np.asarray(batch(actor_params, b["obs_perceived"], b["actions"], b["avail"]))
+        rows = gt.loc[b["episode_id"]]
+        clean = rows["clean"].to_numpy()
+        valid = b["valid"]
+        clean_sum += float(np.sum(j[clean] * valid[clean][..., None]))
+        clean_n += float(np.sum(valid[clean])) * spec.num_agents
+        hit = ~clean
+        t = np.arange(valid.shape[1])[None]
+        start, window = rows["start"].to_numpy()[hit, None], rows["window"].to_numpy()[hit, None]
+        active = (t >= start) & (t < start + window) & valid[hit]
+        jv = j[hit][np.arange(hit.sum()), :, rows["victim"].to_numpy()[hit]]  # [E, T]
+        window_sum += float(np.sum(jv * active))
+        window_n += float(np.sum(active))
+    return window_sum / max(window_n, 1), clean_sum / max(clean_n, 1)
+
+
+def rows_of(label: str, store_dir: Path, command: str, policy) -> list[dict]:
     from agents.attacks import Attack
     from cli import recording
     from forensics.store import open_store
@@ -94,6 +129,7 @@ def rows_of(label: str, store_dir: Path, command: str, commit: str) -> list[dict
     (row,) = table.itertuples()  # one onset class: uniform
     spec = store.meta.env_spec()
     clean = abs(row.clean_return)
+    victim_cost, clean_cost = logged_costs(store, policy)
     base = {
         "env": spec.name,
         "algo": store.meta.config["algo"]["name"],
@@ -104,7 +140,7 @@ def rows_of(label: str, store_dir: Path, command: str, commit: str) -> list[dict
         "subset": "all",
         "episodes": int(row.episodes),
         "command": command,
-        "commit": commit,
+        "commit": code_versions(store),
     }
     figures = [
         ("team_return_drop", row.drop, row.drop_ci95),
@@ -116,6 +152,8 @@ def rows_of(label: str, store_dir: Path, command: str, commit: str) -> list[dict
             196 * np.sqrt(row.share_hurt * (1 - row.share_hurt) / row.episodes),
         ),
         ("clean_team_return", row.clean_return, np.nan),
+        ("victim_logged_cost", victim_cost, np.nan),
+        ("clean_logged_cost", clean_cost, np.nan),
         ("magnitude", attack.magnitude, np.nan),
         ("window", attack.window, np.nan),
     ]
@@ -138,8 +176,8 @@ def markdown(df: pd.DataFrame, run: Path, seeds: str) -> str:
         "Regenerate: `scripts/fault_efficacy.py` (commands in the CSV).",
         "",
         "| fault | class | magnitude | window | episodes | team-return drop | drop % | "
-        "changed % | hurt % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "changed % | hurt % | victim J (nats) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     from agents.attacks import FAULT_CLASS
 
@@ -152,10 +190,26 @@ def markdown(df: pd.DataFrame, run: Path, seeds: str) -> str:
             f"| {fault} | {cls} | {v('magnitude'):g} | {int(v('window'))} | {episodes:,} | "
             f"{v('team_return_drop'):.2f} ± {c('team_return_drop'):.2f} | "
             f"{v('team_return_drop_pct'):.1f} | "
-            f"{v('action_changed'):.1f} ± {c('action_changed'):.1f} | {v('share_hurt'):.1f} |"
+            f"{v('action_changed'):.1f} ± {c('action_changed'):.1f} | {v('share_hurt'):.1f} | "
+            f"{v('victim_logged_cost'):.2f} |"
         )
     clean = wide[("value", "clean_team_return")].iloc[0]
-    lines += ["", f"Clean team return (mean over the seeds): {clean:.2f}.", ""]
+    clean_cost = wide[("value", "clean_logged_cost")].iloc[0]
+    lines += [
+        "",
+        f"Clean team return (mean over the seeds): {clean:.2f}. Victim J = the mean commitment "
+        "cost −log π_i(a_taken | o_perceived) of the victim over its window steps (Stage 1's "
+        f"default statistic, before calibration); on clean episodes it is {clean_cost:.2f} "
+        "(every agent, every step). Magnitude is the fault's own "
+        "unit (`Attack.magnitude`: ε, σ, offset, p, k; 0 where it has none); "
+        "action_saturation's `fraction` applies to continuous actions only — on a discrete "
+        "policy the fault is the loss of one movement axis. With every feature frozen, a "
+        "greedy deterministic victim repeats its onset action, so obs_frozen and "
+        "stuck_actuator play the same episodes (their logs differ: a frozen sensor's "
+        "perceived observation is frozen too). The defaults of the faults that existed "
+        "before the library (obs_gaussian, action_noise, param_noise, FGSM/PGD) are unchanged.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -167,15 +221,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0:200")
     parser.add_argument("--only", nargs="*", help="labels to (re)record; default: all")
     args = parser.parse_args()
-    repo = Path(__file__).resolve().parents[1]
-    commit = commit_of(repo)
+    from agents import checkpoint
+
+    policy = checkpoint.load_policy(args.run)
     rows = []
     for label, attack, extra in FAULTS:
         if args.only and label not in args.only:
             continue
         store = args.stores / label
         command = record(args.run, store, args.seeds, attack, extra)
-        rows += rows_of(label, store, command, commit)
+        rows += rows_of(label, store, command, policy)
     df = pd.DataFrame(rows, columns=COLUMNS.split(","))
     args.prefix.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.prefix.with_suffix(".csv"), index=False)

@@ -236,6 +236,32 @@ def test_delayed_command_is_the_one_chosen_k_steps_before():
         want = np.where(steps >= 2, ep.clean_actions[b, np.maximum(steps - 2, 0), v], 0)
         assert np.array_equal(ep.actions[b, steps, v], want)  # empty queue before step 2: no-op
     untouched_outside_the_window(ep)
+    _, _, _, ep = run(True, name="action_delay", window=5, k=3)  # continuous: a = 0 before
+    for b, v, steps in windows(ep):
+        past = ep.clean_actions[b, np.maximum(steps - 3, 0), v] * (steps >= 3)[:, None]
+        np.testing.assert_allclose(ep.actions[b, steps, v], past, rtol=1e-6, atol=1e-7)
+
+
+def test_masked_env_delay_and_second_best_never_execute_an_illegal_command():
+    spec = make_env("smax", num_agents=3, continuous=False, map_name="3s_vs_3z").spec
+    team = attacks.Team(spec, actor_apply=None)
+    attack = Attack(name="action_delay", k=2)
+    memory = attacks.initial_memory(attack, spec)
+    # at t = 5 the ring of k + 1 = 3 rows holds d^3 in slot 0: attack enemy 1 (action 6)
+    memory = memory._replace(act_hist=jnp.array([6, 1, 2], jnp.int32))
+    avail = jnp.ones((3, spec.action_dim), bool)
+    step = attacks.Step(
+        jnp.zeros((3, spec.obs_dim)), avail, None, jnp.int32(1), jnp.int32(0), jnp.int32(5),
+        jnp.int32(4), jnp.int32(5), memory, jax.random.PRNGKey(0),
+    )  # fmt: skip
+    out_v = jnp.arange(spec.action_dim, dtype=jnp.float32)
+    assert int(attacks.act(attack, team, None, step, out_v, None, None)) == 6
+    gone = step._replace(avail=avail.at[1, 6].set(False))  # enemy 1 died / left range
+    assert int(attacks.act(attack, team, None, gone, out_v, None, None)) == 4  # stop
+    second = Attack(name="action_second_best")
+    assert int(attacks.act(second, team, None, step, out_v, None, None)) == spec.action_dim - 2
+    dead = step._replace(avail=jnp.zeros_like(avail).at[:, 4].set(True))  # only stop is legal
+    assert int(attacks.act(second, team, None, dead, out_v, None, None)) == 4
 
 
 def test_second_best_is_the_rank_2_logit_on_the_true_observation():
