@@ -199,6 +199,16 @@ def test_fit_models_diagnose_and_evaluate_end_to_end(run_dir, tmp_path):
     rows = pd.read_csv(csv)
     assert {"verdict", "decision", "chance"} <= set(rows["instrument"])
     assert set(rows["metric"]) >= {"patient0", "fpr", "auc", "delay_median", "delay_p90"}
+    # the log-only verdicts read no ground truth: a copy with every other column changed
+    # (clean ⇄ attacked, victims, onsets, attack names, ...) gets the same verdicts
+    from test_diagnose import SCORED, scrambled_copy
+
+    scrambled = scrambled_copy(attacked, tmp_path / "scrambled", keep=SCORED)
+    r = invoke("diagnose", scrambled, "-c", calib, "--models", models, "-o", tmp_path / "ds")
+    assert r.exit_code == 0, r.output
+    w = pd.read_parquet(tmp_path / "ds" / "verdicts.parquet")
+    lo = [c for c in v if c.startswith(("lo_", "verdict_"))]
+    pd.testing.assert_frame_equal(v[lo], w[lo])
     # the models refuse another checkpoint's store and seeds shared with the scored store
     bad = tmp_path / "bad"
     bad.mkdir()
