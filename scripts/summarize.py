@@ -54,8 +54,13 @@ def summary_frame() -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ tables
+PERCENT = ("patient0", "fpr", "auc", "action_changed", "share_hurt", "team_return_drop_pct")
+
+
 def _fmt(value: str, metric: str) -> str:
     x = float(value)
+    if metric in PERCENT or metric.endswith(("_accuracy", "within_tolerance@default")):
+        return f"{x:.1f}"
     if metric.endswith("_per_s"):  # rates: millions past a million, else whole numbers
         return f"{x / 1e6:.3g} M" if x >= 1e6 else f"{x:,.0f}"
     if metric.endswith(("_s", "gib")):
@@ -78,6 +83,7 @@ class Col:
     metric: str
     instrument: str | None = None
     subset: str | None = None
+    show: str = "value ± ci"  # "value ± ci" | "value" | "episodes"
 
 
 @dataclass(frozen=True)
@@ -115,8 +121,13 @@ class Table:
         if not hit.any():
             return ""
         row = group[hit].iloc[0]
+        if col.show == "episodes":
+            return f"{int(float(row['episodes'])):,}"
         text = _fmt(row["value"], col.metric)
-        return text + (f" ± {float(row['ci95']):.2g}" if row["ci95"] not in ("", "nan") else "")
+        if col.show == "value" or row["ci95"] in ("", "nan"):
+            return text
+        ci = float(row["ci95"])
+        return text + (f" ± {ci:.1f}" if col.metric in PERCENT else f" ± {ci:.2g}")
 
 
 def _gpu(frame: pd.DataFrame) -> pd.Series:
@@ -164,17 +175,32 @@ TABLES: dict[str, Table] = {
         ),
     ),
     "logonly-verdict": Table(
-        keep=lambda f: (f["setting"] == "log-only") & f["instrument"].isin(["verdict", OLD]),
+        keep=lambda f: (f["setting"] == "log-only") & (f["fault"] != "none"),
         index=("env", "algo", "n_agents", "fault"),
         index_labels=("env", "algo", "N", "fault"),
         columns=(
-            Col("Patient-0, impactful (%)", "patient0", "verdict", "impactful"),
-            Col("Patient-0, all (%)", "patient0", "verdict", "all"),
-            Col("AUC, impactful (%)", "auc", "verdict", "impactful"),
-            Col("clean FPR (%)", "fpr", "verdict", "all"),
-            Col("delay median", "delay_median", "verdict", "impactful"),
-            Col("delay p90", "delay_p90", "verdict", "impactful"),
-            Col("old default: Patient-0, impactful", "patient0", OLD, "impactful"),
+            Col("impactful", "patient0", "verdict", "impactful", "episodes"),
+            Col("all", "patient0", "verdict", "all", "episodes"),
+            Col("**verdict** P0 impactful", "patient0", "verdict", "impactful"),
+            Col("verdict P0 all", "patient0", "verdict", "all", "value"),
+            Col("AUC impactful", "auc", "verdict", "impactful", "value"),
+            Col("AUC all", "auc", "verdict", "all", "value"),
+            Col("delay median", "delay_median", "verdict", "impactful", "value"),
+            Col("delay p90", "delay_p90", "verdict", "impactful", "value"),
+            Col("old default P0 impactful", "patient0", OLD, "impactful", "value"),
+            Col("decision", "patient0", "decision", "impactful", "value"),
+            Col("cross-agent", "patient0", "crossagent", "impactful", "value"),
+            Col("own-dynamics", "patient0", "dynamics", "impactful", "value"),
+            Col("teammate (Kazari)", "patient0", "teammate (Kazari et al.)", "impactful", "value"),
+        ),
+    ),
+    "logonly-fpr": Table(
+        keep=lambda f: (f["setting"] == "log-only") & (f["fault"] == "none"),
+        index=("env", "algo", "n_agents", "instrument"),
+        index_labels=("env", "algo", "N", "instrument"),
+        columns=(
+            Col("clean FPR (%)", "fpr", subset="all"),
+            Col("clean episodes", "fpr", subset="all", show="episodes"),
         ),
     ),
     "fault-efficacy": Table(
