@@ -48,9 +48,10 @@ test-slow: install
 	if [ $$status -eq 5 ]; then echo "make test-slow: no slow tests"; exit 0; fi; \
 	exit $$status
 
-# Compose, validate and build every env × algo × attack config.
+# Compose, validate and build every env × algo × attack config (the whole product; the
+# default suite composes every pair of options).
 sweep-smoke: install
-	$(BIN)/pytest -q tests/test_configs.py -k combination
+	$(BIN)/pytest -q tests/test_configs.py -k combination -m slow
 
 lint: install
 	$(BIN)/ruff check .

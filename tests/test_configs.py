@@ -22,11 +22,28 @@ def _options(group: str) -> list[str]:
 
 
 GAME_ENVS = [e for e in _options("env") if e.startswith("sc2_")]  # real game: no training
-COMBINATIONS = list(
-    itertools.product(
-        [e for e in _options("env") if e not in GAME_ENVS], _options("algo"), _options("attack")
-    )
-)
+TRAIN_ENVS = [e for e in _options("env") if e not in GAME_ENVS]
+COMBINATIONS = list(itertools.product(TRAIN_ENVS, _options("algo"), _options("attack")))
+
+
+def pairwise(envs: list[str], algos: list[str], attacks: list[str]) -> list[tuple[str, ...]]:
+    """Every (algo, attack) and every (env, algo) pair at least once, the third option
+    cycling, so every pair of options is composed together in a few hundred cases instead of
+    the whole product (``make sweep-smoke`` and ``-m slow`` run all of it)."""
+    cases = {
+        (envs[(i + j) % len(envs)], algo, attack)
+        for i, algo in enumerate(algos)
+        for j, attack in enumerate(attacks)
+    }
+    cases |= {
+        (env, algo, attacks[(i + j) % len(attacks)])
+        for i, env in enumerate(envs)
+        for j, algo in enumerate(algos)
+    }
+    return sorted(cases)
+
+
+PAIRWISE = pairwise(TRAIN_ENVS, _options("algo"), _options("attack"))
 
 
 def test_every_group_has_options():
@@ -34,12 +51,22 @@ def test_every_group_has_options():
     assert "maddpg" in _options("algo") and "none" in _options("attack")
 
 
-@pytest.mark.parametrize("env,algo,attack", COMBINATIONS)
-def test_every_combination_composes_validates_and_builds(env, algo, attack):
+def _compose_and_build(env: str, algo: str, attack: str) -> None:
     config = compose_config([f"env={env}", f"algo={algo}", f"attack={attack}"])
     built_env, trainer = build(config)
     assert built_env.spec.num_agents == config["env"]["num_agents"]
     assert trainer.env_steps_per_chunk > 0
+
+
+@pytest.mark.parametrize("env,algo,attack", PAIRWISE)
+def test_every_pair_of_options_composes_validates_and_builds(env, algo, attack):
+    _compose_and_build(env, algo, attack)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env,algo,attack", COMBINATIONS)
+def test_every_combination_composes_validates_and_builds(env, algo, attack):
+    _compose_and_build(env, algo, attack)
 
 
 @pytest.mark.parametrize("env", GAME_ENVS)
