@@ -342,7 +342,7 @@ def diagnose_replay(
     from agents.attacks import Team
     from agents.replay_band import make_band
     from forensics import diagnose as D
-    from forensics.calibration import standardise
+    from forensics.calibration import budget_calibration, identity_normaliser, standardise
     from forensics.store import current_code_version, write_table
 
     t_start = time.perf_counter()
@@ -412,6 +412,15 @@ def diagnose_replay(
         cat([(n, m.evidence) for n, _, m, *_ in cal_batches]),
         valid_c,
     )
+    # our rule on the residual: the replay already references every (seed, step, agent), so
+    # z is the residual itself (no per-step σ of other seeds) and only the threshold is fitted
+    resid_c = cat([(n, r) for n, _, _, r, _, _ in cal_batches])
+    cals = cals._replace(
+        budget=budget_calibration(
+            resid_c, cfg.alpha, debounce=cfg.debounce, watch_quantile=cfg.watch_quantile,
+            method=cfg.method, valid=valid_c, norm=identity_normaliser(*resid_c.shape[1:]),
+        )
+    )  # fmt: skip
     k, floor = PAPER_K[algo], PAPER_SIGMA_FLOOR[algo]
     cols: dict[str, list] = {}
     for n, b, m, resid, (raw, smooth, G, Dd), rows in measured(scored, idx_s, band_s):
