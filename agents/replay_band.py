@@ -59,8 +59,8 @@ class Band(NamedTuple):
 def _noisy_episode(
     env: MultiAgentEnv,
     team: Team,
-    noise: float,
     actor_params: Params,
+    noise: jax.Array,
     key: jax.Array,
     noise_key: jax.Array,
 ) -> Replays:
@@ -91,20 +91,22 @@ def noise_keys(keys: jax.Array, replays: int) -> jax.Array:
 
 
 def _replays(
-    env: MultiAgentEnv, team: Team, replays: int, noise: float
-) -> Callable[[Params, jax.Array], Replays]:
-    """Traceable ``(actor_params, keys [S, 2]) -> Replays [S, R, ...]`` (vmap R, then S)."""
-    one = partial(_noisy_episode, env, team, noise)
-    over_s = jax.vmap(jax.vmap(one, in_axes=(None, None, 0)), in_axes=(None, 0, 0))
-    return lambda actor_params, keys: over_s(actor_params, keys, noise_keys(keys, replays))
+    env: MultiAgentEnv, team: Team, replays: int
+) -> Callable[[Params, jax.Array, jax.Array], Replays]:
+    """Traceable ``(actor_params, keys [S, 2], noise []) -> Replays [S, R, ...]`` (vmap R,
+    then S)."""
+    one = partial(_noisy_episode, env, team)
+    over_s = jax.vmap(jax.vmap(one, in_axes=(None, None, None, 0)), in_axes=(None, None, 0, 0))
+    return lambda params, keys, noise: over_s(params, noise, keys, noise_keys(keys, replays))
 
 
 def make_replays(
-    env: MultiAgentEnv, team: Team, replays: int, noise: float
-) -> Callable[[Params, jax.Array], Replays]:
-    """``replay(actor_params, keys [S, 2]) -> Replays [S, R, ...]``, jitted (float32 products:
-    the same replays on a GPU as on the CPU, agents/precision.py)."""
-    return float32_matmuls(jax.jit(_replays(env, team, replays, noise)))
+    env: MultiAgentEnv, team: Team, replays: int
+) -> Callable[[Params, jax.Array, float], Replays]:
+    """``replay(actor_params, keys [S, 2], noise) -> Replays [S, R, ...]``, jitted (noise is
+    traced: one compilation for every scale; float32 products: the same replays on a GPU as
+    on the CPU, agents/precision.py)."""
+    return float32_matmuls(jax.jit(_replays(env, team, replays)))
 
 
 def band_moments(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -122,17 +124,17 @@ Statistics = Callable[[Any, Replays], tuple[jax.Array, ...]]  # (params, flat re
 
 
 def make_band(
-    env: MultiAgentEnv, team: Team, statistics: Statistics, replays: int, noise: float
-) -> Callable[[Params, Any, jax.Array], Band]:
-    """``band(actor_params, stat_params, keys [S, 2]) -> Band``: replays of each seed, every
+    env: MultiAgentEnv, team: Team, statistics: Statistics, replays: int
+) -> Callable[[Params, Any, jax.Array, float], Band]:
+    """``band(actor_params, stat_params, keys [S, 2], noise) -> Band``: replays of each seed, every
     statistic of ``statistics(stat_params, replays [S·R, ...])`` and its (μ, σ) per seed, in one
     jitted program (the replays never leave the device)."""
-    replay = _replays(env, team, replays, noise)
+    replay = _replays(env, team, replays)
 
     @float32_matmuls
     @jax.jit
-    def band(actor_params, stat_params, keys):
-        rep = replay(actor_params, keys)
+    def band(actor_params, stat_params, keys, noise):
+        rep = replay(actor_params, keys, noise)
         s, r = keys.shape[0], replays
         flat = jax.tree_util.tree_map(lambda a: a.reshape(s * r, *a.shape[2:]), rep)
         stats = statistics(stat_params, flat)
@@ -143,10 +145,11 @@ def make_band(
 
 
 def iter_bands(
-    band: Callable[[Params, Any, jax.Array], Band],
+    band: Callable[[Params, Any, jax.Array, float], Band],
     actor_params: Params,
     stat_params: Any,
     keys: np.ndarray,
+    noise: float,
     chunk: int,
 ) -> Band:
     """Bands of every key [S, 2] in chunks of ``chunk`` seeds (the last one padded, so one
@@ -157,6 +160,6 @@ def iter_bands(
         part = keys[lo : lo + chunk]
         n = len(part)
         padded = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
-        out = jax.device_get(band(actor_params, stat_params, jnp.asarray(padded)))
+        out = jax.device_get(band(actor_params, stat_params, jnp.asarray(padded), noise))
         parts.append(jax.tree_util.tree_map(lambda x, n=n: np.asarray(x)[:n], out))
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)

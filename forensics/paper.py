@@ -314,12 +314,12 @@ def _load(store: Any, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in fields}
 
 
-def _seed_band(band_fn, params, data: Mapping[str, np.ndarray], chunk: int):
+def _seed_band(band_fn, params, data: Mapping[str, np.ndarray], noise: float, chunk: int):
     """Band of every distinct seed of ``data`` (keyed by its replay key) and each episode's
     row into it."""
     seeds, first, index = np.unique(data["seed"], return_index=True, return_inverse=True)
     keys = data["replay_key"][first]
-    band = iter_bands(band_fn, params, params, keys, chunk)
+    band = iter_bands(band_fn, params, params, keys, noise, chunk)
     return seeds, band, index
 
 
@@ -371,10 +371,12 @@ def diagnose_replay(
 
     team = Team(spec, inst.actor_apply, inst.critic_apply)
     stats = partial(_statistics, paper_inst, inst, cfg.log_scores)
-    band_fn = make_band(policy.env, team, stats, ref.replays, ref.noise)
+    band_fn = make_band(policy.env, team, stats, ref.replays)
     t0 = time.perf_counter()
-    seeds_s, band_s, idx_s = _seed_band(band_fn, params["actor"], scored, ref.chunk_seeds)
-    seeds_c, band_c, idx_c = _seed_band(band_fn, params["actor"], clean, ref.chunk_seeds)
+    seeds_s, band_s, idx_s = _seed_band(
+        band_fn, params["actor"], scored, ref.noise, ref.chunk_seeds
+    )
+    seeds_c, band_c, idx_c = _seed_band(band_fn, params["actor"], clean, ref.noise, ref.chunk_seeds)
     t_band = time.perf_counter() - t0
     key = jax.random.PRNGKey(cfg.probe_seed)
 
@@ -432,8 +434,8 @@ def diagnose_replay(
         if algo != "maddpg":  # G, D of the seed's clean episode: its noiseless replay
             from agents.replay_band import make_replays
 
-            rep = make_replays(policy.env, team, 2, 0.0)(
-                params["actor"], jnp.asarray(b["replay_key"])
+            rep = make_replays(policy.env, team, 2)(
+                params["actor"], jnp.asarray(b["replay_key"]), 0.0
             )
             _, _, G, Dd = paper_measure(paper_inst, params, rep.obs[:, 0], rep.avail[:, 0])
         head, chain = trace(G, Dd, e.t_det, e.candidate)

@@ -3,6 +3,8 @@ small case worked by hand; fast (tiny nets, a few episodes)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,19 +21,27 @@ from forensics.stage1 import Stage1Config, stage1_scores
 # ------------------------------------------------------------------ replays and the band
 
 
+REPLAYS = 4
+
+
+@functools.cache
+def replays():
+    env, team, ap, _ = random_team(3, False)
+    return make_replays(env, team, REPLAYS)
+
+
 def test_noiseless_replay_is_the_recorded_clean_episode_and_noise_keeps_it_close():
     env, team, ap, _ = random_team(3, False)
     keys = R.seed_keys(np.arange(3))
     clean = R.make_rollout(env, team, attacks.Attack(name="none"))(
         ap, None, keys, attacks.clean_target((3,))
     )
-    rep = make_replays(env, team, 4, 0.0)(ap, keys)  # [S, R, T, N, ...]
+    rep = replays()(ap, keys, 0.0)  # [S, R, T, N, ...]
     assert rep.obs.shape == (3, 4, env.spec.episode_length, 3, env.spec.obs_dim)
     for r in range(4):  # same seed → same initial state and, without noise, the same episode
         assert np.array_equal(rep.obs[:, r], clean.obs_true)
         assert np.array_equal(rep.actions[:, r], clean.actions)
-    noisy = make_replays(env, team, 4, 1e-4)(ap, keys)
-    assert np.array_equal(noisy.obs[:, :, 0] * 0, rep.obs[:, :, 0] * 0)
+    noisy = replays()(ap, keys, 1e-4)  # the same compiled program: noise is traced
     d0 = np.abs(noisy.obs[:, :, 0] - rep.obs[:, :, 0])  # step 0: only the noise
     assert 0 < d0.max() < 1e-3 and 5e-5 < d0.std() < 2e-4
     assert not np.array_equal(noisy.obs[:, 0], noisy.obs[:, 1])  # fresh noise per replay
@@ -51,10 +61,10 @@ def test_band_of_the_paper_statistic_matches_stage1_on_the_replays():
     cfg = Stage1Config(probe="paper", target="greedy", window=5, retake_argmax=True)
     stat = lambda p, rep: (stage1_scores(team.actor_apply, p, rep.obs, rep.avail, cfg=cfg).smooth,)
     keys = R.seed_keys(np.arange(2))
-    band = make_band(env, team, stat, 5, 1e-4)(ap, ap, keys)
-    rep = make_replays(env, team, 5, 1e-4)(ap, keys)
-    flat = jax.tree_util.tree_map(lambda a: a.reshape(10, *a.shape[2:]), rep)
-    x = np.asarray(stat(ap, flat)[0]).reshape(2, 5, *band.mu[0].shape[1:])
+    band = make_band(env, team, stat, REPLAYS)(ap, ap, keys, 1e-4)
+    rep = replays()(ap, keys, 1e-4)
+    flat = jax.tree_util.tree_map(lambda a: a.reshape(2 * REPLAYS, *a.shape[2:]), rep)
+    x = np.asarray(stat(ap, flat)[0]).reshape(2, REPLAYS, *band.mu[0].shape[1:])
     np.testing.assert_allclose(band.mu[0], x.mean(1), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(band.sigma[0], x.std(1), rtol=1e-4, atol=1e-7)
 
