@@ -218,3 +218,42 @@ def test_reference_config_is_checked():
         P.ReferenceConfig.from_mapping({"kind": "replay", "replays": 1})
     with pytest.raises(ConfigError, match="forensics.reference.bogus"):
         P.ReferenceConfig.from_mapping({"bogus": 1})
+
+
+# ------------------------------------------------------------------ end to end (CLI)
+
+
+@pytest.mark.slow
+def test_diagnose_replay_end_to_end(run_dir, tmp_path):
+    """rollout → diagnose forensics=replay (4 replays per seed) → evaluate_replay: every
+    episode gets a verdict, only μ, σ per (seed, step, agent) are kept, and a calibration
+    store sharing a seed with the scored one is refused in one line before anything is
+    written."""
+    import json
+
+    from test_rollout_cli import invoke
+
+    def record(out, seeds, *extra):
+        result = invoke("rollout", run_dir, "-o", out, "--seeds", seeds, "--no-progress", *extra)
+        assert result.exit_code == 0, result.output
+        return out
+
+    worst = record(tmp_path / "worst", "0:2", "attack.search_fraction=0.28")
+    clean = record(tmp_path / "clean", "100:140", "attack=none")
+    args = ["forensics=replay", "forensics.reference.replays=4", "forensics.batch_episodes=32"]
+    out = tmp_path / "diag"
+    result = invoke("diagnose", worst, "-c", clean, "--out", out, "--no-progress", *args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["setting"] == "replay-referenced"
+    verdicts = __import__("pandas").read_parquet(out / "verdicts.parquet")
+    assert len(verdicts) == 2 * 13 and set(verdicts["seed"]) == {0, 1}
+    with np.load(out / "band.npz") as band:
+        assert band["paper_mu"].shape == band["paper_sigma"].shape == (2, 25, 3)
+        assert band["ours_mu"].shape == (2, 25, 3) and (band["count"] == 4).all()
+    rows, counts = P.evaluate_replay(out)
+    assert counts["attacked"] == 24 and counts["search_horizon"] == 7
+    assert {r["setting"] for r in rows} == {"paper-protocol", "replay-referenced"}
+    shared = record(tmp_path / "shared", "1:3", "attack=none")
+    bad = invoke("diagnose", worst, "-c", shared, "--out", tmp_path / "bad", "--no-progress", *args)
+    assert bad.exit_code != 0 and "seed" in bad.output and not (tmp_path / "bad").exists()
