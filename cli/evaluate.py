@@ -145,7 +145,8 @@ def _evaluate_replay(console, diag_dirs: list[Path], out: Path | None) -> None:
         frames.append(pd.DataFrame(rows).assign(diagnosis=str(d)))
         console.print(
             f"{d}: {counts['attacked']:,} attacked episodes, "
-            f"{counts['skipped_no_qualifying_step']:,} not in the paper's protocol (no step of the required D sign in t < "
+            f"{counts['skipped_no_qualifying_step']:,} not in the paper's protocol (no step "
+            f"of the required D sign in t < "
             f"{counts['search_horizon']}), {counts['clean']:,} clean"
         )
     table = pd.concat(frames, ignore_index=True)
