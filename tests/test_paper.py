@@ -160,6 +160,27 @@ def test_maddpg_traceback_scores_count_of_positive_d_times_g_at_t_det():
     assert int(head[0]) == -1
 
 
+def test_paper_geometry_is_taken_at_the_pre_attack_actions_of_the_attacked_run():
+    from forensics.diagnose import Instruments
+    from forensics.stage2 import critic_geometry
+
+    env, team, ap, cp = random_team(3, False)
+    attack = attacks.Attack(name="worst_action")
+    target = attacks.Target(
+        victim=jnp.asarray([0]), observed=jnp.asarray([1]), start=jnp.asarray([2]),
+        window=jnp.asarray([5]),
+    )  # fmt: skip
+    ep = R.make_rollout(env, team, attack)(ap, cp, R.seed_keys(np.arange(1)), target)
+    inst = Instruments(team.actor_apply, team.critic_apply, True, 5, P.PAPER_STAGE1)
+    _, _, G, D = P.paper_measure(inst, {"actor": ap, "critic": cp}, ep.obs_perceived, ep.avail)
+    onehot = lambda a: jax.nn.one_hot(a, 5, dtype=jnp.float32)
+    pre = critic_geometry(team.critic_apply, cp, ep.obs_true, onehot(ep.clean_actions))
+    taken = critic_geometry(team.critic_apply, cp, ep.obs_true, onehot(ep.actions))
+    np.testing.assert_allclose(G, pre.G, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(D, pre.D, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(G[0, 2:7], taken.G[0, 2:7])  # not at the worst actions taken
+
+
 def test_hatrpo_traceback_window_excludes_t_det_and_rate_decides_before_g():
     G, D = _geometry()
     t_det, cand = jnp.asarray([6]), jnp.asarray([0])
