@@ -205,17 +205,19 @@ def _agent_step_score(
     if cfg.probe == "cost":  # the expansion's order-0 term: J(o, τ) itself
         return cost(obs)
     if cfg.discrete:
-        g = -jax.grad(cost)(obs)  # ∇_o log π(a*|o)
+        j0, grad_j = jax.value_and_grad(cost)(obs)
+        g = -grad_j  # ∇_o log π(a*|o)
     else:
         g = _top_singular_direction(partial(actor_apply, params), obs, cfg.power_iters)
     g_norm = jnp.maximum(jnp.linalg.norm(g), _GRAD_FLOOR)
 
     if cfg.probe == "paper":
         eta = cfg.eps * jnp.sign(g) / g_norm
-        if cfg.retake_argmax and cfg.discrete:  # J(o+η, τ') with τ' = the argmax at o + η
-            tau_eta = commitment_target(actor_apply, params, obs + eta, avail, cfg.discrete)
-            j_eta = commitment_cost(actor_apply, params, obs + eta, tau_eta, avail, True)
-            return jnp.abs(j_eta - cost(obs) + jnp.dot(g, eta))  # ∇_o J = −g
+        if cfg.retake_argmax and cfg.discrete:  # J(o+η, τ') with τ' = the argmax at o + η:
+            # −max of the log-softmax over legal actions (one forward pass at o + η)
+            logp = jax.nn.log_softmax(mask_logits(actor_apply(params, obs + eta), avail))
+            j_eta = -jnp.max(jnp.where(avail, logp, -jnp.inf))
+            return jnp.abs(j_eta - j0 + jnp.dot(g, eta))  # ∇_o J = −g
         return jnp.abs(taylor_remainders(cost, obs, eta[None]))[0]
 
     dirs = [(g / g_norm)[None]] if cfg.gradient_probe else []
