@@ -340,7 +340,7 @@ def diagnose_replay(
     replay key by the checkpoint's jitted env.
     """
     from agents.attacks import Team
-    from agents.replay_band import make_band
+    from agents.replay_band import make_band, make_replays
     from forensics import diagnose as D
     from forensics.calibration import budget_calibration, identity_normaliser, standardise
     from forensics.store import current_code_version, write_table
@@ -424,6 +424,7 @@ def diagnose_replay(
         )
     )  # fmt: skip
     k, floor = PAPER_K[algo], PAPER_SIGMA_FLOOR[algo]
+    clean_replay = make_replays(policy.env, team, 2)  # HATRPO: G, D of the clean episode
     cols: dict[str, list] = {}
     for n, b, m, resid, (raw, smooth, G, Dd), rows in measured(scored, idx_s, band_s):
         valid = jnp.asarray(b["valid"]) & m.finite[:, None]
@@ -432,11 +433,7 @@ def diagnose_replay(
         e = earliest_candidate(flags, jnp.abs(raw - mu))
         trace = traceback_maddpg if algo == "maddpg" else traceback_hatrpo
         if algo != "maddpg":  # G, D of the seed's clean episode: its noiseless replay
-            from agents.replay_band import make_replays
-
-            rep = make_replays(policy.env, team, 2)(
-                params["actor"], jnp.asarray(b["replay_key"]), 0.0
-            )
+            rep = clean_replay(params["actor"], jnp.asarray(b["replay_key"]), 0.0)
             _, _, G, Dd = paper_measure(paper_inst, params, rep.obs[:, 0], rep.avail[:, 0])
         head, chain = trace(G, Dd, e.t_det, e.candidate)
         z = standardise(resid, cals.budget.norm, valid)
