@@ -151,9 +151,9 @@ def _evaluate_replay(console, diag_dirs: list[Path], out: Path | None) -> None:
         )
     table = pd.concat(frames, ignore_index=True)
     view = Table(title="replay-referenced diagnosis (rates in %)", box=box.SIMPLE_HEAD)
-    view.min_width = 110
     for c in ("setting", "instrument", "subset", "metric", "value", "ci95", "episodes"):
-        view.add_column(c, justify="right" if c in ("value", "ci95", "episodes") else "left")
+        right = c in ("value", "ci95", "episodes")
+        view.add_column(c, justify="right" if right else "left", no_wrap=True)
     for _, r in table.iterrows():
         view.add_row(
             r["setting"], r["instrument"], r["subset"], r["metric"], f"{r['value']:g}",
