@@ -278,3 +278,17 @@ def test_diagnose_replay_end_to_end(run_dir, tmp_path):
     shared = record(tmp_path / "shared", "1:3", "attack=none")
     bad = invoke("diagnose", worst, "-c", shared, "--out", tmp_path / "bad", "--no-progress", *args)
     assert bad.exit_code != 0 and "seed" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_replay_residual_is_thresholded_as_is_with_every_clean_episode_setting_it():
+    from forensics.calibration import budget_calibration, identity_normaliser, standardise
+
+    # 40 clean residual episodes (T = 2, N = 1) whose largest values are 0, 1, …, 39: with a
+    # fixed identity normaliser all 40 set the threshold; α = 5 %: the largest F with
+    # (F + 1)/41 ≤ 0.05 is 1, so the threshold is the 2nd largest (38) and 1 of 40 is flagged
+    x = np.zeros((40, 2, 1), np.float32)
+    x[:, 1, 0] = np.arange(40)
+    cal = budget_calibration(jnp.asarray(x), 0.05, norm=identity_normaliser(2, 1))
+    assert float(cal.threshold[0]) == 38.0 and cal.calib_fpr == pytest.approx(1 / 40)
+    z = standardise(jnp.asarray([[[0.5], [-3.0]]]), cal.norm, jnp.ones((1, 2), bool))
+    assert z[0, :, 0].tolist() == [0.5, -3.0]  # z is the residual itself: no clip, no scale
