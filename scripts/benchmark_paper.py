@@ -241,6 +241,8 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=100)
     parser.add_argument("--naive-seeds", type=int, default=2, help="seeds the loop runs")
     parser.add_argument("--chunk", type=int, default=25, help="seeds per band call")
+    parser.add_argument("--out", type=Path, default=None, help="append results rows here")
+    parser.add_argument("--commit", default="unknown", help="code version for the rows")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         policy = benchmark_policy(args.run, Path(tmp), "64,64")
@@ -274,6 +276,26 @@ def main() -> None:
         f"matches the vectorised band and candidates: {all(checks)}"
     )
     print(f"speed-up end to end: {total / warm:,.0f}× warm, {total / cold:,.0f}× cold")
+    if args.out is not None:
+        from forensics.results import append_rows
+
+        spec = policy.env.spec
+        common = {
+            "env": spec.name, "algo": policy.config["algo"]["name"], "n_agents": spec.num_agents,
+            "fault": "worst_action", "setting": "benchmark", "subset": "all",
+            "episodes": args.seeds * (args.replays + m + 1), "device": str(jax.devices()[0]),
+            "command": " ".join(["scripts/benchmark_paper.py", *sys.argv[1:]]),
+            "commit": args.commit,
+        }  # fmt: skip
+        figures = [
+            ("vectorised", "wall_s_warm", warm), ("vectorised", "wall_s_cold", cold),
+            ("per-step loop", "wall_s_extrapolated", total),
+            ("vectorised", "speedup_warm", total / warm),
+            ("vectorised", "speedup_cold", total / cold),
+        ]  # fmt: skip
+        rows = [{**common, "instrument": i, "metric": k, "value": v} for i, k, v in figures]
+        append_rows(args.out, rows)
+        print(f"Wrote {len(rows)} rows to {args.out}")
     if not all(checks):
         raise SystemExit("the per-step loop disagrees with the vectorised protocol")
 
