@@ -18,7 +18,7 @@ jitted over batches of episodes × steps × agents) vs a naive per-step, per-age
   compilation is excluded; it runs on the first ``--naive-episodes`` episodes and is
   extrapolated per episode. Its raw statistic, G and D must equal ``measure``'s (allclose).
 
-The paper's Stage-1 probe (``forensics=paper``: |L(η)| with a gradient and a second cost
+The paper's Stage-1 probe (``forensics=paper_pooled``: |L(η)| with a gradient and a second cost
 evaluation per agent-step) is the benchmarked one; the default config (``probe=cost``) is
 timed on the jitted path as well.
 
@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_rollout import benchmark_policy, describe  # noqa: E402
 
 CALIB_SEED0 = 10_000  # calibration seeds start here: disjoint from the scored 0..S−1
-CONFIGS = {"paper": "forensics=paper", "default": "forensics=default"}
+CONFIGS = {"paper": "forensics=paper_pooled", "default": "forensics=default"}
 
 
 # ------------------------------------------------------------------ stores
