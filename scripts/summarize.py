@@ -54,7 +54,10 @@ def summary_frame() -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ tables
-PERCENT = ("patient0", "fpr", "auc", "action_changed", "share_hurt", "team_return_drop_pct")
+PERCENT = (
+    "patient0", "fpr", "auc", "action_changed", "share_hurt", "team_return_drop_pct",
+    "patient0_paper_scored", "stage1_paper_scored", "stage2_always", "threshold_failures",
+)  # fmt: skip
 
 
 def _fmt(value: str, metric: str) -> str:
@@ -201,6 +204,23 @@ TABLES: dict[str, Table] = {
         columns=(
             Col("clean FPR (%)", "fpr", subset="all"),
             Col("clean episodes", "fpr", subset="all", show="episodes"),
+        ),
+    ),
+    "paper-protocol": Table(
+        keep=lambda f: (
+            f["setting"].isin(["paper-protocol", "replay-referenced"])
+            & f["instrument"].isin(["paper", "verdict", "stage1"])
+        ),
+        index=("env", "algo", "n_agents", "setting", "instrument", "subset"),
+        index_labels=("env", "algo", "N", "setting", "instrument", "subset"),
+        columns=(
+            Col("episodes", "patient0", show="episodes"),
+            Col("paper-scored, oracle-gated (%)", "patient0_paper_scored"),
+            Col("Stage 1, paper-scored (%)", "stage1_paper_scored"),
+            Col("**strict Patient-0** (%)", "patient0"),
+            Col("paper traceback on every episode (%)", "stage2_always"),
+            Col("clean FPR (%)", "fpr"),
+            Col("threshold failures (%)", "threshold_failures", show="value"),
         ),
     ),
     "fault-efficacy": Table(
