@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml
 
 # Train MADDPG on Simple Spread N=3 (discrete actions, CPU), evaluate the checkpoint over
 # 500 greedy episodes, then the forensics loop: the paper's paired worst-action protocol on
-# 100 seeds, clean calibration episodes of other seeds, diagnose, and the accuracy table.
+# 100 seeds, clean calibration episodes of other seeds, the log-only models fitted on clean
+# episodes of a third set of seeds (their fused verdict is diagnose's default), diagnose, and
+# the accuracy tables.
 # Re-running resumes training and recording (finished parts are skipped).
 demo: install
 	$(BIN)/forensics train train.eval_episodes=0
@@ -27,8 +29,11 @@ demo: install
 	$(BIN)/forensics rollout $(DEMO_RUN) -o stores/demo-worst --seeds 0:100 --no-progress
 	$(BIN)/forensics rollout $(DEMO_RUN) -o stores/demo-clean --seeds 100000:100500 \
 	  --no-progress attack=none
+	$(BIN)/forensics rollout $(DEMO_RUN) -o stores/demo-fit --seeds 200000:200500 \
+	  --no-progress attack=none
+	$(BIN)/forensics fit-models $(DEMO_RUN) -c stores/demo-fit
 	$(BIN)/forensics diagnose stores/demo-worst -c stores/demo-clean --no-progress
-	$(BIN)/forensics evaluate stores/demo-worst/diagnosis
+	$(BIN)/forensics evaluate stores/demo-worst/diagnosis --long stores/demo-worst/logonly.csv
 
 # The default suite (slow tests excluded, see pyproject). Exit status 5 means pytest
 # collected no tests: a broken suite, not a pass, so it fails with a message.

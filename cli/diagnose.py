@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 DEFAULT_OUT = "diagnosis"  # DIAG_DIR defaults to STORE/diagnosis
+DEFAULT_MODELS = "logonly-models"  # --models defaults to RUN_DIR/logonly-models when fitted
 
 HELP = """Diagnose every episode of an episode store: who failed first, and how it spread.
 
@@ -37,6 +38,16 @@ Per episode, in jitted batches vectorised over episodes × agents × steps:
   paper's traceback over [t_det − 4, t_det], our deployable traceback (a hop only where
   the calibrated edge evidence exceeds its clean quantile), the contagion graph
   C_ij = Σ e^(−λ(τ − t_det)) |G_ij^τ| with its evidence per edge.
+
+* **Log-only instruments** (with `--models`, fitted by `forensics fit-models` on clean
+  episodes of a third set of seeds): cross-agent consistency (each agent's observation
+  predicted from each teammate's; an agent is suspect only when every teammate's view
+  disagrees with its own), own-dynamics consistency, the greedy decision gap
+  (log π(argmax) − log π(taken)) and the Kazari et al. teammate model, each with a per-agent
+  CUSUM; thresholds held jointly at a per-episode false-alarm rate α on the calibration
+  store; the **verdict** (columns `verdict_candidate`, `verdict_t_det`: the first agent to
+  cross, −1 = no failure found) is their fused decision, else Stage 1 + the deployable
+  Stage 2. An instrument the store or models cannot feed is named unavailable.
 
 **Ground truth is never read**: the verdicts come from observations, actions and rewards
 alone. `forensics evaluate` joins them with the ground truth afterwards.
@@ -96,6 +107,16 @@ def diagnose(
         Path | None,
         typer.Option("--out", "-o", help="Output directory [default: STORE/diagnosis]."),
     ] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option(
+            "--models",
+            "-m",
+            help="Log-only models (`forensics fit-models`): adds the cross-agent, own-dynamics, "
+            "decision-gap and teammate instruments and makes their fused verdict the default "
+            "[default: RUN_DIR/logonly-models when it exists].",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress spinner.")] = True,
 ) -> None:
     from rich.console import Console
@@ -112,12 +133,14 @@ def diagnose(
         config = forensics_config(overrides or [])
         check_out_dir(out)
         run_dir = run if run is not None else recorded_run_dir(store)
+        if models is None and (run_dir / DEFAULT_MODELS / "meta.json").is_file():
+            models = run_dir / DEFAULT_MODELS  # `forensics fit-models RUN`'s default output
         partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
         try:
             with status.status(f"diagnosing {store}") if progress else nullcontext():
                 summary = run_diagnosis(
                     store, run_dir, calibration, partial, config,
-                    log=lambda line: status.print(line, highlight=False),
+                    log=lambda line: status.print(line, highlight=False), models=models,
                 )  # fmt: skip
             summary["command"] = invocation(ctx)
             (partial / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -239,6 +262,14 @@ def _report(console, out: Path, summary: dict[str, Any]) -> None:
             f"{t_det[flagged].mean():.1f}" if flagged.any() else "—",
         )
     console.print(view)
+    lo = summary.get("logonly") or {}
+    for name, why in lo.get("availability", {}).items():
+        console.print(f"  log-only {name}: {why}")
+    flagged = int((verdicts["verdict_candidate"][ok] >= 0).sum())
+    console.print(
+        f"Verdict ({summary['logonly']['verdict']}): {flagged:,} / {int(ok.sum()):,} "
+        "episodes with a failure found"
+    )
     console.print(f"Wrote {out}: verdicts.parquet, scores.npz, summary.json, graphs/")
 
 

@@ -82,6 +82,15 @@ def evaluate(
     markdown: Annotated[
         Path | None, typer.Option("--markdown", "-m", help="Write the table as Markdown here.")
     ] = None,
+    long: Annotated[
+        Path | None,
+        typer.Option(
+            "--long",
+            help='Write the long-format figures (DESIGN.md "Results as data": Patient-0, FPR, '
+            "AUC, delay median/p90 with 95 % intervals, per instrument, all and impactful "
+            "episodes) as CSV here, and a readable view next to it (.md).",
+        ),
+    ] = None,
 ) -> None:
     from rich.console import Console
 
@@ -111,6 +120,16 @@ def evaluate(
         markdown.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(markdown, ev.markdown(table).encode())
         console.print(f"Wrote {markdown}")
+    if long is not None:
+        import shlex
+
+        command = shlex.join(["forensics", "evaluate", *map(str, diag_dirs), "--long", str(long)])
+        with one_line_errors():
+            rows = ev.long_table(diag_dirs, command, current_code_version())
+        long.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(long, rows.to_csv(index=False, float_format="%.4g").encode())
+        atomic_write(long.with_suffix(".md"), ev.long_markdown(rows).encode())
+        console.print(f"Wrote {long} and {long.with_suffix('.md')}")
 
 
 def _view(table, title: str, columns: tuple[str, ...]):

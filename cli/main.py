@@ -15,6 +15,7 @@ SUBCOMMANDS = (
     "train",
     "evaluate_policy",
     "fit_probe",
+    "fit_models",
     "rollout",
     "diagnose",
     "evaluate",
