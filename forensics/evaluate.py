@@ -606,7 +606,47 @@ def long_rows(diag: Diagnosis, command: str, commit: str) -> list[dict[str, Any]
                 m = int((sel & (g["attack"].to_numpy() == attack)).sum())
                 add(attack, "chance", subset, "patient0", 100 / n, 0.0, m)
                 add(attack, "chance", subset, "auc", 50.0, 0.0, m)
+    if "lo_fault_class" in diag.verdicts:
+        right = (diag.verdicts["lo_verdict_candidate"].to_numpy() == victim) & (
+            diag.verdicts["lo_verdict_t_det"].to_numpy() >= start
+        )
+        for attack in attacks:
+            if attack != "none":
+                for row in fault_class_rows(store, diag.verdicts, attack, right, hit, clean, g):
+                    add(attack, "verdict", *row)
     return rows
+
+
+def fault_class_rows(store, verdicts, attack, right, hit, clean, g) -> list[tuple]:
+    """(subset, metric, value, ci95, episodes) of the fault-class call on the episodes whose
+    Patient-0 was found (so the class describes the faulty agent): ``fault_class_accuracy``
+    (sensor faults → "sensor"; actuator and parameter faults → "action": the log cannot tell
+    those two apart, ``forensics.logonly.fault_class``), the confusion shares
+    ``called_sensor`` / ``called_action``, and for a sensor fault on named feature groups
+    ``feature_group_accuracy`` (the most inconsistent reading against its clean level, the
+    top of ``lo_reading_ratio``, is one of them)."""
+    from agents.attacks import FAULT_CLASS
+
+    truth = "sensor" if FAULT_CLASS.get(attack) == "sensor" else "action"
+    called = verdicts["lo_fault_class"].to_numpy().astype(str)
+    top = verdicts["lo_top_reading"].to_numpy().astype(str)
+    features = store.meta.config.get("attack", {}).get("features", "all")
+    out = []
+    for subset, sel in (("all", ~clean), ("impactful", hit)):
+        sel = sel & right & (g["attack"].to_numpy() == attack)
+        m = int(sel.sum())
+        for metric, ok in (
+            ("fault_class_accuracy", called == truth),
+            ("called_sensor", called == "sensor"),
+            ("called_action", called == "action"),
+        ):
+            k = int((sel & ok).sum())
+            out.append((subset, metric, 100 * k / max(m, 1), 100 * wilson_half_width(k, m), m))
+        if truth == "sensor" and features != "all":
+            k = int((sel & np.isin(top, list(features))).sum())
+            out.append((subset, "feature_group_accuracy", 100 * k / max(m, 1),
+                        100 * wilson_half_width(k, m), m))  # fmt: skip
+    return out
 
 
 def long_table(diag_dirs: Sequence[str | Path], command: str, commit: str) -> pd.DataFrame:

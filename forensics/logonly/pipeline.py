@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from forensics.logonly import fault_class as FC
 from forensics.logonly import instruments as I
 from forensics.logonly import models as M
 from forensics.logonly import verdict as V
@@ -131,8 +132,11 @@ def diagnose(
     cal = V.calibrate(st, actor, models, _batches(clean_only, batch), batch, alpha)
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
+    explain = None
+    if V.VERDICT in cal.groups and set(FC.SENSOR) & set(cal.groups[V.VERDICT]):
+        explain = fault_class_explainer(st, models, cal, clean_only, batch, spec, alpha)
     out, timings = V.score(
-        st, actor, models, cal, _iter(inputs.store, SCORED_FIELDS + masks, batch), batch
+        st, actor, models, cal, _iter(inputs.store, SCORED_FIELDS + masks, batch), batch, explain
     )
     summary.update(
         {
@@ -143,6 +147,56 @@ def diagnose(
         }
     )
     return out, summary
+
+
+def fault_class_explainer(st, models, cal, clean, size: int, spec, alpha: float, window=5):
+    """``V.score``'s explain hook: the fault class and inconsistent readings of each fused
+    verdict (``forensics.logonly.fault_class``), the group thresholds fitted on ``clean``."""
+    import jax.numpy as jnp
+
+    from envs import layout
+
+    names, masks = FC.group_masks(layout(spec), spec.obs_dim)
+    masks = jnp.asarray(masks)
+
+    def groups_of(b):
+        p = V._pad(b, size)
+        return FC.group_scores(
+            models, p["obs_perceived"], p["actions"], p["valid"], masks,
+            discrete=st.discrete, action_dim=st.action_dim,
+        )  # fmt: skip
+
+    clean_max = np.concatenate(
+        [
+            np.asarray(jnp.max(groups_of(b), axis=(2, 3))).swapaxes(0, 1)[: len(b["valid"])]
+            for b in _batches(clean, size)
+        ]
+    )
+    h_groups = FC.group_thresholds(clean_max, alpha)
+    cols = cal.columns[V.VERDICT]
+    inst_of, agent_of = FC.side_codes(cal.names, cols), cal.agent_of[cols]
+
+    def explain(x, valid, b, n, candidate, t_det):
+        code, margin, sensor, action = FC.side(
+            x[..., cols], cal.h[V.VERDICT], inst_of, agent_of, candidate, t_det, valid,
+            kinds=(), window=window,
+        )  # fmt: skip
+        ratio = np.asarray(
+            FC.inconsistent_groups(groups_of(b), h_groups, candidate, t_det, valid, window=window)
+        )[:n]
+        return {
+            "fault_class": np.asarray(FC.CLASSES)[np.asarray(code)[:n]],
+            "fault_class_margin": np.asarray(margin)[:n],
+            "sensor_ratio": np.asarray(sensor)[:n],
+            "action_ratio": np.asarray(action)[:n],
+            "readings": np.asarray([";".join(r) for r in FC.readings(ratio, names)], dtype=object),
+            "top_reading": np.where(
+                np.asarray(candidate)[:n] >= 0, np.asarray(names)[np.argmax(ratio, axis=1)], ""
+            ),
+            "reading_ratio": ratio,
+        }
+
+    return explain
 
 
 def _batches(arrays: Mapping[str, np.ndarray], size: int):

@@ -156,10 +156,12 @@ def calibrate(st, actor_params, models, clean_batches, size, alpha) -> Calibrate
 
 
 def score(
-    st, actor_params, models, cal: Calibrated, batches, size: int
+    st, actor_params, models, cal: Calibrated, batches, size: int, explain=None
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Every group's verdict for every episode: {"<group>_candidate"|"_t_det"|"_score"|
-    "_agent_t_det": array} plus the episode ids; and the timings."""
+    "_agent_t_det": array} plus the episode ids; and the timings. ``explain(x, valid, batch,
+    n, candidate, t_det)`` (optional) adds host columns from the fused verdict's decision
+    (``fault_class``)."""
     out: dict[str, list[np.ndarray]] = {}
     n_agents = int(cal.agent_of.max()) + 1
     timings = {"first_batch_s": 0.0, "steady_s": 0.0, "batches": 0}
@@ -170,6 +172,8 @@ def score(
             res = decide(x[..., cols], cal.h[g], cal.agent_of[cols], valid, n_agents=n_agents)
             for key, v in zip(("candidate", "t_det", "score", "agent_t_det"), res, strict=True):
                 host[f"{g}_{key}"] = np.asarray(v)[:n]
+            if g == VERDICT and explain is not None:
+                host.update(explain(x, valid, b, n, res[0], res[1]))
         elapsed = time.perf_counter() - t0
         timings["first_batch_s" if timings["batches"] == 0 else "steady_s"] += elapsed
         timings["batches"] += 1
