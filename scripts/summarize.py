@@ -60,9 +60,18 @@ PERCENT = (
 )  # fmt: skip
 
 
+def _is_rate(metric: str) -> bool:
+    """A percentage: shown, with its half-width, to one decimal."""
+    return (
+        metric in PERCENT
+        or metric.endswith(("_accuracy", "within_tolerance@default"))
+        or (metric.startswith("called_"))
+    )
+
+
 def _fmt(value: str, metric: str) -> str:
     x = float(value)
-    if metric in PERCENT or metric.endswith(("_accuracy", "within_tolerance@default")):
+    if _is_rate(metric):
         return f"{x:.1f}"
     if metric.endswith("_per_s"):  # rates: millions past a million, else whole numbers
         return f"{x / 1e6:.3g} M" if x >= 1e6 else f"{x:,.0f}"
@@ -130,7 +139,7 @@ class Table:
         if col.show == "value" or row["ci95"] in ("", "nan"):
             return text
         ci = float(row["ci95"])
-        return text + (f" ± {ci:.1f}" if col.metric in PERCENT else f" ± {ci:.2g}")
+        return text + (f" ± {ci:.1f}" if _is_rate(col.metric) else f" ± {ci:.2g}")
 
 
 def _gpu(frame: pd.DataFrame) -> pd.Series:
@@ -221,6 +230,23 @@ TABLES: dict[str, Table] = {
             Col("paper traceback on every episode (%)", "stage2_always"),
             Col("clean FPR (%)", "fpr"),
             Col("threshold failures (%)", "threshold_failures", show="value"),
+        ),
+    ),
+    "fault-class": Table(
+        keep=lambda f: (
+            f["metric"].isin(
+                ["fault_class_accuracy", "called_sensor", "called_action", "feature_group_accuracy"]
+            )
+            & (f["subset"] == "impactful")
+        ),
+        index=("env", "algo", "n_agents", "fault"),
+        index_labels=("env", "algo", "N", "fault"),
+        columns=(
+            Col("episodes (Patient-0 found)", "fault_class_accuracy", show="episodes"),
+            Col("**right class** (%)", "fault_class_accuracy"),
+            Col("called sensor (%)", "called_sensor", show="value"),
+            Col("called action side (%)", "called_action", show="value"),
+            Col("right feature group (%)", "feature_group_accuracy"),
         ),
     ),
     "fault-efficacy": Table(
