@@ -4,27 +4,60 @@ An ``Attack`` is a small frozen (hashable) config; everything an episode varies 
 agent is the victim i, which agent j's critic is "observed", the start step and the window
 length — lives in a ``Target`` of int32 arrays, so one compiled rollout serves every pair
 and start under ``vmap``. Inside the rollout, at step t with
-active(t) = start ≤ t < start + window, three pure hooks touch the victim only:
+active(t) = start ≤ t < start + window (W = window), three pure hooks touch the victim only:
 
-  * ``perceive``        observation attacks: the victim acts on õ_i instead of o_i;
+  * ``perceive``        sensor faults: the victim acts greedily on õ_i instead of o_i
+                        (everything else — teammates, critics, the env — sees the truth);
   * ``corrupt_params``  parameter corruption: the victim acts with θ̃_i instead of θ_i;
-  * ``act``             action attacks: the victim's action is replaced.
+  * ``act``             actuator faults: the policy's decision is right, the executed
+                        command is wrong.
 
-Attacks (``Attack.name``):
-  none            nothing (clean episodes).
-  worst_action    the paper's attack. Discrete: a_i = argmin_a logits_i(a) over available
-                  actions. Continuous: a_i ← clip(a_i − η ∇_{a_i} Q_j(o, a), low, high), one
-                  gradient step lowering the observed agent j's critic (η = ``step_size``).
-  obs_gaussian    õ_i = o_i + σ ξ, ξ ~ N(0, I) fresh each step.
-  obs_fgsm        õ_i = o_i + δ, ‖δ‖∞ ≤ ε, one signed-gradient step (PGD with k=1, α=ε).
-  obs_pgd         õ_i = o_i + δ from k projected signed-gradient steps of size α.
-                  Both minimise the team value the critics assign to the victim's
-                  perturbed action (see ``team_value_objective``).
-  action_noise    discrete: a_i = argmax(logits_i + σ ξ) over available actions;
-                  continuous: a_i = clip(μ_i + σ ξ, low, high).
-  stuck_actuator  the victim's action at the onset step is latched and repeated.
-  param_noise     θ̃_i = θ_i + σ ξ on every leaf of the victim's actor, drawn once per
-                  episode; the other agents' parameters are untouched.
+Faults that need the past (a frozen reading, a lagged reading or command) carry a small
+``Memory`` through the rollout's scan (``remember``); it is written on every step, before
+and inside the window, so "k steps earlier" is defined from the episode's start.
+
+Attacks (``Attack.name``; ``features`` restricts every sensor fault to named observation
+groups, ``envs.layout``; o^t is the victim's true observation at step t):
+  none               nothing (clean episodes).
+  worst_action       the paper's attack. Discrete: a_i = argmin_a logits_i(a) over available
+                     actions. Continuous: a_i ← clip(a_i − η ∇_{a_i} Q_j(o, a), low, high), one
+                     gradient step lowering the observed agent j's critic (η = ``step_size``).
+ sensor
+  obs_gaussian       õ_i = o_i + σ ξ, ξ ~ N(0, I) fresh each step.
+  obs_fgsm           õ_i = o_i + δ, ‖δ‖∞ ≤ ε, one signed-gradient step (PGD with k=1, α=ε).
+  obs_pgd            õ_i = o_i + δ from k projected signed-gradient steps of size α.
+                     Both minimise the team value the critics assign to the victim's
+                     perturbed action (see ``team_value_objective``).
+  obs_frozen         õ_i^t = o^{start}: the reading at the onset is held for the window.
+  obs_stale          õ_i^t = o^{max(t−k, 0)}: the sensor lags k steps.
+  obs_bias           õ_i^t = o^t + b u, u ∈ {±1}^O drawn once per episode, b = ``offset``.
+  obs_drift          õ_i^t = o^t + b (t − start + 1)/W · u: the bias grows linearly from b/W
+                     to b over the window (a slowly drifting calibration).
+  obs_dropout        õ_i^t = o^t with each feature zeroed with probability p (fresh each
+                     step; p = 1: every chosen feature reads 0).
+ actuator
+  action_noise       discrete: a_i = argmax(logits_i + σ ξ) over available actions;
+                     continuous: a_i = clip(μ_i + σ ξ, low, high).
+  stuck_actuator     the victim's action at the onset step is latched and repeated.
+  action_dropout     with probability p (fresh each step) the command is lost and the env's
+                     no-op is executed (Simple Spread: no_op / a = 0; SMAX: stop).
+  action_delay       the command chosen k steps earlier is executed, d^{t−k}; before the
+                     episode's step k the queue is empty (no-op); a delayed command the env
+                     no longer allows (SMAX: its target died or left range) becomes the no-op.
+  action_saturation  continuous: every channel clipped to low + f (high − low), f = ``fraction``
+                     (a weakened actuator that cannot deliver more than f of its range).
+                     Discrete analogue (a discrete command has no magnitude to clip): the
+                     actuator loses one axis — a move along the axis (x or y, drawn once per
+                     episode) executes as the no-op; other commands pass.
+  action_second_best the near-miss: the victim executes its rank-2 action by logits among the
+                     available ones (discrete only): a small deviation, cheap in log-
+                     probability (≈ the logit gap), but still "taken ≠ argmax".
+ parameters
+  param_noise        θ̃_i = θ_i + σ ξ on every leaf of the victim's actor, drawn once per
+                     episode; the other agents' parameters are untouched.
+  param_bitflip      each float32 weight of the victim's actor independently, with
+                     probability p, has bit ``bit`` flipped (31: the sign; 23–30: the
+                     exponent, a ×2^±(2^(b−23)) scale), drawn once per episode.
 
 Start selection (the paper, per ordered pair victim i → observed j, from the clean
 episode): G_ij^t = ‖∂Q_j/∂a_i‖ and D_ij^t = gᵀ H g, with g, H the gradient and Hessian of
@@ -50,19 +83,38 @@ from forensics.stage2 import critic_geometry
 
 Params = Any  # a flax params pytree; "stacked" means every leaf has a leading agent axis N
 
-ATTACKS = (
-    "none",
-    "worst_action",
+SENSOR_FAULTS = (
     "obs_gaussian",
     "obs_fgsm",
     "obs_pgd",
+    "obs_frozen",
+    "obs_stale",
+    "obs_bias",
+    "obs_drift",
+    "obs_dropout",
+)
+ACTUATOR_FAULTS = (
     "action_noise",
     "stuck_actuator",
-    "param_noise",
+    "action_dropout",
+    "action_delay",
+    "action_saturation",
+    "action_second_best",
 )
+PARAM_FAULTS = ("param_noise", "param_bitflip")
+ATTACKS = ("none", "worst_action", *SENSOR_FAULTS, *ACTUATOR_FAULTS, *PARAM_FAULTS)
+# The fault class of each attack (what a per-class table groups by).
+FAULT_CLASS = {
+    "none": "none",
+    "worst_action": "actuator",
+    **{a: "sensor" for a in SENSOR_FAULTS},
+    **{a: "actuator" for a in ACTUATOR_FAULTS},
+    **{a: "parameters" for a in PARAM_FAULTS},
+}
 START_MODES = ("high_influence", "low_influence", "uniform")
 # Attacks whose hooks differentiate a centralised Q critic (continuous worst_action too).
 CRITIC_ATTACKS = ("obs_fgsm", "obs_pgd")
+DISCRETE_ONLY = ("action_second_best",)
 
 
 # --------------------------------------------------------------------------- config
@@ -81,6 +133,14 @@ class Attack:
     steps           PGD iterations k (obs_pgd).
     step_size       PGD step α (obs_pgd); gradient step η of continuous worst_action.
     search_fraction share of the episode searched for high/low-influence onsets.
+    features        sensor faults only: the observation groups perturbed (names of
+                    ``envs.layout(spec)`` groups/subgroups, or "all"); the rest reads true.
+    offset          obs_bias / obs_drift: the bias b per feature (observation units).
+    p               probability: a feature dropped (obs_dropout), a command lost
+                    (action_dropout), a weight's bit flipped (param_bitflip).
+    k               lag in steps: obs_stale (reading), action_delay (command).
+    fraction        action_saturation (continuous): share f of the action range delivered.
+    bit             param_bitflip: the float32 bit flipped (0 = mantissa LSB … 31 = sign).
     """
 
     name: str = "none"
@@ -92,6 +152,12 @@ class Attack:
     steps: int = 10
     step_size: float = 1.0
     search_fraction: float = 0.25
+    features: tuple[str, ...] = ("all",)
+    offset: float = 0.0
+    p: float = 1.0
+    k: int = 1
+    fraction: float = 0.5
+    bit: int = 31
 
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:
@@ -100,6 +166,9 @@ class Attack:
             )
         start = (self.start,) if isinstance(self.start, str) else tuple(self.start)
         object.__setattr__(self, "start", start)
+        feats = self.features
+        feats = (feats,) if isinstance(feats, str) else tuple(feats)
+        object.__setattr__(self, "features", feats)
         checks = [
             ("window", _is_int(self.window) and self.window >= 1, "an integer >= 1"),
             (
@@ -121,6 +190,16 @@ class Attack:
                 _is_num(self.search_fraction) and 0 < self.search_fraction <= 1,
                 "a number in (0, 1]",
             ),
+            (
+                "features",
+                len(feats) > 0 and all(isinstance(f, str) and f for f in feats),
+                "a feature group name or a list of them (envs.layout), or 'all'",
+            ),
+            ("offset", _is_num(self.offset) and self.offset >= 0, "a number >= 0"),
+            ("p", _is_num(self.p) and 0 <= self.p <= 1, "a probability in [0, 1]"),
+            ("k", _is_int(self.k) and self.k >= 1, "an integer >= 1"),
+            ("fraction", _is_num(self.fraction) and 0 <= self.fraction <= 1, "a number in [0, 1]"),
+            ("bit", _is_int(self.bit) and 0 <= self.bit <= 31, "an integer in [0, 31]"),
         ]
         for field, ok, expected in checks:
             if not ok:
@@ -129,6 +208,11 @@ class Attack:
                 )
         if len(set(start)) != len(start):
             raise ValueError(f"attack.start: expected distinct modes, got {list(start)}")
+        if feats != ("all",) and self.name not in SENSOR_FAULTS:
+            raise ValueError(
+                f"attack.features: only sensor faults ({', '.join(SENSOR_FAULTS)}) perturb "
+                f"feature groups; expected 'all' for {self.name}, got {list(feats)}"
+            )
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Attack:
@@ -140,8 +224,9 @@ class Attack:
         if "name" not in cfg:
             raise ValueError(f"attack.name: missing; expected one of {ATTACKS}")
         kw = dict(cfg)
-        if "start" in kw and not isinstance(kw["start"], str):
-            kw["start"] = tuple(kw["start"])
+        for key in ("start", "features"):
+            if key in kw and not isinstance(kw[key], str):
+                kw[key] = tuple(kw[key])
         return cls(**kw)
 
     @property
@@ -153,11 +238,43 @@ class Attack:
             return float(self.sigma)
         if self.name == "worst_action":
             return float(self.step_size)
+        if self.name in ("obs_bias", "obs_drift"):
+            return float(self.offset)
+        if self.name in ("obs_dropout", "action_dropout", "param_bitflip"):
+            return float(self.p)
+        if self.name in ("obs_stale", "action_delay"):
+            return float(self.k)
+        if self.name == "action_saturation":
+            return float(self.fraction)
         return 0.0
 
     def needs_critic(self, spec: EnvSpec) -> bool:
         """Whether the hooks differentiate a Q critic (start selection aside)."""
         return self.name in CRITIC_ATTACKS or (self.name == "worst_action" and not spec.discrete)
+
+    def check_env(self, spec: EnvSpec) -> None:
+        """What can only be checked against the env: the feature groups exist, and the
+        attack is defined for its action type. ValueError naming the field, in one line."""
+        if self.name in DISCRETE_ONLY and not spec.discrete:
+            raise ValueError(
+                f"attack.name: {self.name} ranks discrete actions; {spec.name} has continuous "
+                "actions (use action_noise or action_saturation)"
+            )
+        if self.features != ("all",):
+            try:
+                feature_mask(self, spec)
+            except ValueError as err:
+                raise ValueError(f"attack.features: {spec.name}: {err}") from None
+
+
+def feature_mask(attack: Attack, spec: EnvSpec) -> np.ndarray | None:
+    """bool [O] of the features a sensor fault perturbs; None for "all" (no masking, so the
+    all-feature faults compute exactly what they did before feature groups existed)."""
+    if attack.features == ("all",):
+        return None
+    from envs import layout
+
+    return layout(spec).mask(attack.features, spec.obs_dim)
 
 
 def _is_int(v: Any) -> bool:
@@ -236,14 +353,97 @@ def team_value(team: Team, critic_params: Params, obs: jax.Array, act: jax.Array
 
 
 # ------------------------------------------------------------------------ the hooks
+class Memory(NamedTuple):
+    """What a fault carries from step to step of one episode (rollout scan carry).
+
+    latched   the victim's action at the onset (stuck_actuator): int32 [] or float32 [A]
+    obs_hist  float32 [R, O]: obs_frozen R = 1 (the onset reading); obs_stale R = k + 1, a
+              ring buffer of the victim's true readings (slot t mod (k+1) holds o^t);
+              R = 0 for every other fault
+    act_hist  int32 [R] | float32 [R, A]: action_delay R = k + 1, a ring buffer of the
+              victim's decisions d^t; R = 0 otherwise
+    Zero-sized buffers cost nothing, so every attack shares one scan carry.
+    """
+
+    latched: jax.Array
+    obs_hist: jax.Array
+    act_hist: jax.Array
+
+
+def initial_memory(attack: Attack, spec: EnvSpec) -> Memory:
+    """The episode's first ``Memory`` (buffers sized for ``attack``, zero-filled)."""
+    rows_obs = {"obs_frozen": 1, "obs_stale": attack.k + 1}.get(attack.name, 0)
+    rows_act = attack.k + 1 if attack.name == "action_delay" else 0
+    if spec.discrete:
+        latched, act_hist = jnp.zeros((), jnp.int32), jnp.zeros((rows_act,), jnp.int32)
+    else:
+        a = spec.action_dim
+        latched, act_hist = jnp.zeros((a,), jnp.float32), jnp.zeros((rows_act, a), jnp.float32)
+    return Memory(latched, jnp.zeros((rows_obs, spec.obs_dim), jnp.float32), act_hist)
+
+
+def _ring_write(hist: jax.Array, x: jax.Array, t: jax.Array, fill: jax.Array) -> jax.Array:
+    """Ring buffer of R = k + 1 rows after writing x^t at slot t mod R; at t = 0 every slot
+    is first set to ``fill``, so a read of "k steps ago" before step k returns ``fill``."""
+    hist = jnp.where(t == 0, jnp.broadcast_to(fill, hist.shape).astype(hist.dtype), hist)
+    return hist.at[t % hist.shape[0]].set(x)
+
+
+def _ring_lagged(hist: jax.Array, t: jax.Array) -> jax.Array:
+    """x^{t−k} out of a ring buffer of R = k + 1 rows written up to step t: slot (t+1) mod R."""
+    return hist[(t + 1) % hist.shape[0]]
+
+
 class Step(NamedTuple):
-    """What the hooks see at one step (true, unattacked quantities)."""
+    """What the hooks see at one step (true, unattacked quantities).
+
+    The trailing fields are filled by the rollout (``agents.rollout.attacked_step``); the
+    faults that do not need them accept the defaults (hand-made steps in tests)."""
 
     obs: jax.Array  # [N, O] true observations
     avail: jax.Array  # bool [N, A]
     clean_critic_act: jax.Array  # [N, A] critic input of every agent's clean action
     victim: jax.Array  # int32 []
     observed: jax.Array  # int32 []
+    t: jax.Array | None = None  # int32 [] the step
+    start: jax.Array | None = None  # int32 [] the onset
+    window: jax.Array | None = None  # int32 [] W
+    memory: Memory | None = None  # after ``remember_obs`` (perceive) / ``remember_act`` (act)
+    episode_key: jax.Array | None = None  # draws fixed for the whole episode
+
+
+def remember_obs(attack: Attack, memory: Memory, obs_v: jax.Array, t: jax.Array, start) -> Memory:
+    """Write the victim's true reading o^t into the fault's memory (before ``perceive``):
+    obs_frozen keeps o^{start}; obs_stale appends o^t to its ring (filled with o^0)."""
+    if attack.name == "obs_frozen":
+        hist = jnp.where(t == start, obs_v[None], memory.obs_hist)
+        return memory._replace(obs_hist=hist)
+    if attack.name == "obs_stale":
+        return memory._replace(obs_hist=_ring_write(memory.obs_hist, obs_v, t, obs_v))
+    return memory
+
+
+def remember_act(
+    attack: Attack, spec: EnvSpec, memory: Memory, decision: jax.Array, t: jax.Array
+) -> Memory:
+    """Write the victim's decision d^t (its greedy action on what it perceived) into the
+    memory (before ``act``): action_delay appends it to its ring, filled with the no-op."""
+    if attack.name != "action_delay":
+        return memory
+    return memory._replace(act_hist=_ring_write(memory.act_hist, decision, t, noop(spec)))
+
+
+def noop(spec: EnvSpec) -> jax.Array:
+    """The env's no-op command (``envs.layout``): int32 [] or float32 [A]."""
+    from envs import layout
+
+    a = layout(spec).noop_action
+    return jnp.asarray(a, jnp.int32) if spec.discrete else jnp.asarray(a, jnp.float32)
+
+
+def rademacher(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Independent ±1 (float32) draws."""
+    return jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0).astype(jnp.float32)
 
 
 def team_value_objective(
@@ -299,32 +499,61 @@ def perceive(
     victim_params: Params,
     critic_params: Params,
 ) -> jax.Array:
-    """The victim's perceived observation õ_i [O] (its true o_i unless an obs attack)."""
+    """The victim's perceived observation õ_i [O] (its true o_i unless a sensor fault).
+
+    With ``attack.features`` naming groups, only those features read õ; the others read
+    the truth (FGSM/PGD then optimise over the chosen features alone: the objective sees
+    the true values elsewhere, so their gradient and step are zero there).
+    """
     obs_v = step.obs[step.victim]
-    if attack.name == "obs_gaussian":
-        return obs_v + attack.sigma * jax.random.normal(key, obs_v.shape, obs_v.dtype)
-    if attack.name in ("obs_fgsm", "obs_pgd"):
-        fgsm = attack.name == "obs_fgsm"
-        return pgd(
-            lambda o: team_value_objective(team, victim_params, critic_params, step, o),
+    mask = feature_mask(attack, team.spec)
+    restrict = (lambda o: o) if mask is None else (lambda o: jnp.where(mask, o, obs_v))
+    name = attack.name
+    if name == "obs_gaussian":
+        seen = obs_v + attack.sigma * jax.random.normal(key, obs_v.shape, obs_v.dtype)
+    elif name in ("obs_fgsm", "obs_pgd"):
+        fgsm = name == "obs_fgsm"
+        seen = pgd(
+            lambda o: team_value_objective(team, victim_params, critic_params, step, restrict(o)),
             obs_v,
             attack.epsilon,
             steps=1 if fgsm else attack.steps,
             step_size=attack.epsilon if fgsm else attack.step_size,
         )
-    return obs_v
+    elif name == "obs_frozen":
+        seen = step.memory.obs_hist[0]
+    elif name == "obs_stale":
+        seen = _ring_lagged(step.memory.obs_hist, step.t)
+    elif name in ("obs_bias", "obs_drift"):
+        ramp = 1.0
+        if name == "obs_drift":
+            ramp = (step.t - step.start + 1).astype(jnp.float32) / jnp.maximum(step.window, 1)
+        u = rademacher(jax.random.fold_in(step.episode_key, 0), obs_v.shape)
+        seen = obs_v + attack.offset * ramp * u
+    elif name == "obs_dropout":
+        seen = jnp.where(jax.random.bernoulli(key, attack.p, obs_v.shape), 0.0, obs_v)
+    else:
+        return obs_v
+    return restrict(seen)
 
 
 def corrupt_params(
     attack: Attack, key: jax.Array, actor_params: Params, victim: jax.Array
 ) -> Params:
-    """Stacked actor params with only the victim's slice corrupted (param_noise: θ_i + σξ)."""
-    if attack.name != "param_noise":
+    """Stacked actor params with only the victim's slice corrupted (param_noise: θ_i + σξ;
+    param_bitflip: bit ``bit`` of each float32 weight flipped with probability p)."""
+    if attack.name not in PARAM_FAULTS:
         return actor_params
     leaves, treedef = jax.tree_util.tree_flatten(actor_params)
     keys = jax.random.split(key, len(leaves))
 
     def corrupt(p: jax.Array, k: jax.Array) -> jax.Array:
+        if attack.name == "param_bitflip":
+            flip = jax.random.bernoulli(k, attack.p, p.shape[1:])
+            bits = jax.lax.bitcast_convert_type(p[victim].astype(jnp.float32), jnp.uint32)
+            flipped = bits ^ jnp.where(flip, jnp.uint32(1 << attack.bit), jnp.uint32(0))
+            new = jax.lax.bitcast_convert_type(flipped, jnp.float32).astype(p.dtype)
+            return p.at[victim].set(new)
         noise = attack.sigma * jax.random.normal(k, p.shape[1:], p.dtype)
         return p.at[victim].add(noise)
 
@@ -361,16 +590,39 @@ def act(
     critic_params: Params,
 ) -> jax.Array:
     """The victim's action under attack, from its (possibly perturbed) actor output."""
+    spec = team.spec
+    avail_v = step.avail[step.victim]
     if attack.name == "worst_action":
         return worst_action(team, out_v, step, critic_params, attack.step_size)
     if attack.name == "action_noise":
         noisy = out_v + attack.sigma * jax.random.normal(key, out_v.shape, out_v.dtype)
-        return (
-            team.greedy(noisy, step.avail[step.victim]) if team.spec.discrete else team.clip(noisy)
-        )
+        return team.greedy(noisy, avail_v) if spec.discrete else team.clip(noisy)
     if attack.name == "stuck_actuator":
         return latched
-    return team.greedy(out_v, step.avail[step.victim])
+    decision = team.greedy(out_v, avail_v)
+    if attack.name == "action_dropout":
+        return jnp.where(jax.random.bernoulli(key, attack.p), noop(spec), decision)
+    if attack.name == "action_delay":
+        past = _ring_lagged(step.memory.act_hist, step.t)
+        return jnp.where(avail_v[past], past, noop(spec)) if spec.discrete else past
+    if attack.name == "action_saturation":
+        if not spec.discrete:
+            low, high = spec.action_low, spec.action_high
+            return jnp.clip(out_v, low, low + attack.fraction * (high - low))
+        from envs import layout
+
+        axis = jax.random.randint(jax.random.fold_in(step.episode_key, 1), (), 1, 3)
+        lost = jnp.asarray(layout(spec).move_axis)[decision] == axis
+        return jnp.where(lost, noop(spec), decision)
+    if attack.name == "action_second_best":
+        return second_best(out_v, avail_v)
+    return decision
+
+
+def second_best(out_v: jax.Array, avail_v: jax.Array) -> jax.Array:
+    """The rank-2 action by logits among the available ones (the best when only one is)."""
+    values, index = jax.lax.top_k(jnp.where(avail_v, out_v, -jnp.inf), 2)
+    return jnp.where(jnp.isfinite(values[1]), index[1], index[0]).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------- start selection

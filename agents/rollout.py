@@ -9,6 +9,10 @@ acts greedily (masked argmax of its logits, or its deterministic action). At ste
                     act(π_{θ̃_i}(õ_{i,t}))               while active(t)
   o_{t+1}, r_t    = env.step(actions_t)
 
+Faults with a memory (a frozen or lagged reading, a delayed command: ``attacks.Memory``)
+carry it in the scan next to the env state; it is written at every step, so the window
+can look back before its onset.
+
 Randomness: an episode is a pure function of (key, target, params). ``key`` is split into
 independent streams for the env reset, the env steps, the attack noise and the protocol's
 draws, so removing the attack (``Target.window = 0``) leaves the env's randomness unchanged:
@@ -39,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from agents import attacks
-from agents.attacks import START_MODES, Attack, Params, Step, Target, Team
+from agents.attacks import START_MODES, Attack, Memory, Params, Step, Target, Team
 from agents.precision import float32_matmuls
 from envs.base import EnvSpec, MultiAgentEnv
 
@@ -76,7 +80,8 @@ def seed_keys(seeds: jax.Array) -> jax.Array:
 
 
 def check_params(attack: Attack, team: Team, critic_params: Params | None) -> None:
-    """Attacks that differentiate a critic need one."""
+    """Attacks that differentiate a critic need one (and the attack must suit the env)."""
+    attack.check_env(team.spec)
     if attack.needs_critic(team.spec) and (critic_params is None or team.critic_apply is None):
         raise ValueError(
             f"attack.name: {attack.name!r} on {team.spec.name} needs a Q critic "
@@ -98,25 +103,28 @@ class StepRecord(NamedTuple):
 
 class Attacker(NamedTuple):
     """An episode's fixed attack inputs: its target, the victim's (possibly corrupted)
-    actor params and the key of the per-step attack noise."""
+    actor params, the key of the per-step attack noise and the key of the draws fixed for
+    the whole episode (a bias direction, a lost actuator axis)."""
 
     target: Target
     victim_params: Params
     step_key: jax.Array
+    episode_key: jax.Array
 
 
 def start_attack(
     attack: Attack, spec: EnvSpec, actor_params: Params, key: jax.Array, target: Target
-) -> tuple[Attacker, jax.Array]:
-    """(the episode's ``Attacker``, the initial latched action) from its key and target."""
+) -> tuple[Attacker, Memory]:
+    """(the episode's ``Attacker``, the fault's initial ``Memory``) from its key and target."""
     k_params, k_steps = jax.random.split(streams(key).attack)
     victim_params = attacks.agent_slice(
         attacks.corrupt_params(attack, k_params, actor_params, target.victim), target.victim
     )
-    latched0 = (
-        jnp.zeros((), jnp.int32) if spec.discrete else jnp.zeros((spec.action_dim,), jnp.float32)
+    # fold_in, not a third split: the existing streams (and their episodes) stay as they were
+    episode_key = jax.random.fold_in(k_params, 1)
+    return Attacker(target, victim_params, k_steps, episode_key), attacks.initial_memory(
+        attack, spec
     )
-    return Attacker(target, victim_params, k_steps), latched0
 
 
 def attacked_step(
@@ -127,29 +135,36 @@ def attacked_step(
     attacker: Attacker,
     obs: jax.Array,
     avail: jax.Array,
-    latched: jax.Array,
+    memory: Memory,
     t: jax.Array,
-) -> tuple[jax.Array, jax.Array, StepRecord]:
+) -> tuple[jax.Array, Memory, StepRecord]:
     """One step's decisions (the module docstring's equations) from the true obs [N, O] and
-    legal actions [N, A] at step t: (actions to send to the env, the latched action carried
+    legal actions [N, A] at step t: (actions to send to the env, the fault's memory carried
     to t + 1, the step's record). The env itself is stepped by the caller, so that the same
     function serves the jitted scan and Python-stepped envs (``make_player``)."""
     target, victim = attacker.target, attacker.target.victim
     clean_act = team.greedy(jax.vmap(team.actor_apply)(actor_params, obs), avail)
     clean_crit = team.critic_input(clean_act)
-    info = Step(obs, avail, clean_crit, victim, target.observed)
+    memory = attacks.remember_obs(attack, memory, obs[victim], t, target.start)
+    info = Step(
+        obs, avail, clean_crit, victim, target.observed,
+        t, target.start, target.window, memory, attacker.episode_key,
+    )  # fmt: skip
     k_obs, k_act = jax.random.split(jax.random.fold_in(attacker.step_key, t))
     active = attacks.is_active(target, t)
     obs_v = attacks.perceive(attack, team, k_obs, info, attacker.victim_params, critic_params)
     out_v = team.actor_apply(attacker.victim_params, obs_v)
-    latched = jnp.where(t == target.start, clean_act[victim], latched)
+    latched = jnp.where(t == target.start, clean_act[victim], memory.latched)
+    decision = team.greedy(out_v, avail[victim])
+    memory = attacks.remember_act(attack, team.spec, memory._replace(latched=latched), decision, t)
+    info = info._replace(memory=memory)
     act_v = attacks.act(attack, team, k_act, info, out_v, latched, critic_params)
     actions = clean_act.at[victim].set(jnp.where(active, act_v, clean_act[victim]))
     obs_seen = obs.at[victim].set(jnp.where(active, obs_v, obs[victim]))
     record = StepRecord(
         obs, obs_seen, actions, clean_act, team.critic_input(actions), avail, active
     )
-    return actions, latched, record
+    return actions, memory, record
 
 
 def _episode(
@@ -165,21 +180,21 @@ def _episode(
     spec = env.spec
     keys = streams(key)
     obs0, state0 = env.reset(keys.reset)
-    attacker, latched0 = start_attack(attack, spec, actor_params, key, target)
+    attacker, memory0 = start_attack(attack, spec, actor_params, key, target)
 
     def step(carry, t):
-        state, obs, latched = carry
+        state, obs, memory = carry
         avail = env.avail_actions(state)
-        actions, latched, rec = attacked_step(
-            team, attack, actor_params, critic_params, attacker, obs, avail, latched, t
+        actions, memory, rec = attacked_step(
+            team, attack, actor_params, critic_params, attacker, obs, avail, memory, t
         )
         next_obs, next_state, rewards, done, _ = env.step(
             jax.random.fold_in(keys.env, t), state, actions
         )
-        return (next_state, next_obs, latched), (rec, rewards, done)
+        return (next_state, next_obs, memory), (rec, rewards, done)
 
     steps = jnp.arange(spec.episode_length, dtype=jnp.int32)
-    _, (rec, rewards, done) = jax.lax.scan(step, (state0, obs0, latched0), steps)
+    _, (rec, rewards, done) = jax.lax.scan(step, (state0, obs0, memory0), steps)
     return as_episode(rec, rewards, done, key, target)
 
 
@@ -275,7 +290,7 @@ def make_player(
         check_params(attack, team, critic_params)
         keys = streams(key)
         obs, state = env.reset(keys.reset)
-        attacker, latched = start(actor_params, key, target)
+        attacker, memory = start(actor_params, key, target)
         records, rewards, dones = [], [], []
         done = False
         # The project's one Python loop over steps: the game steps itself, a few
@@ -283,8 +298,8 @@ def make_player(
         for t in range(spec.episode_length):
             avail = env.avail_actions(state)
             t32 = np.int32(t)
-            actions, latched, rec = step(
-                actor_params, critic_params, attacker, obs, avail, latched, t32
+            actions, memory, rec = step(
+                actor_params, critic_params, attacker, obs, avail, memory, t32
             )
             reward = no_reward
             if not done:
@@ -453,6 +468,28 @@ def team_return(episodes: Episode) -> jax.Array:
     return jnp.sum(episodes.rewards, axis=(-2, -1))
 
 
+def action_changed(
+    actions: np.ndarray,
+    clean_actions: np.ndarray,
+    victim: np.ndarray,
+    active: np.ndarray,
+    tol: float = 1e-5,
+) -> np.ndarray:
+    """Whether the victim's executed action differed from its policy's own greedy choice on
+    the true observation (``clean_actions``, same state) at some step of the window.
+
+    actions, clean_actions [B, T, N] (discrete) or [B, T, N, A] (continuous: differs when
+    max |Δ| > tol); victim int [B]; active bool [B, T] (the window's played steps).
+    Returns bool [B]. A fault that never changed what was executed (a sensor fault that
+    left the argmax alone, a dropped no-op) cannot be found from the actions at all.
+    """
+    actions, clean_actions = np.asarray(actions), np.asarray(clean_actions)
+    rows = np.arange(actions.shape[0])
+    a, c = actions[rows, :, victim], clean_actions[rows, :, victim]  # [B, T(, A)]
+    differs = a != c if a.ndim == 2 else np.max(np.abs(a - c), axis=-1) > tol
+    return np.any(differs & np.asarray(active, bool), axis=1)
+
+
 def efficacy_table(
     attack: Attack,
     clean_return: np.ndarray,
@@ -460,11 +497,15 @@ def efficacy_table(
     start_class: np.ndarray,
     victim: np.ndarray,
     observed: np.ndarray,
+    changed: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Team return clean vs attacked, one row per start class of one attack.
 
     Inputs per seed [S] (clean_return) and per attacked episode [S, M] (the rest).
-    drop = clean − attacked return of the same seed (positive = the attack hurt).
+    drop = clean − attacked return of the same seed (positive = the attack hurt);
+    drop_ci95 = 1.96 · its standard error (normal approximation over episodes).
+    ``changed`` bool [S, M] (``action_changed``): ``action_changed`` is its share, with
+    ``action_changed_ci95`` = 1.96 √(p(1 − p)/n); NaN when not given.
     ``high_beats_low`` (high_influence row only, when both classes were recorded): the share
     of (seed, pair) where the high-influence onset dropped the return more than the
     low-influence onset of the same pair — the paper's high- vs low-influence contrast.
@@ -501,7 +542,14 @@ def efficacy_table(
             "drop_se": d.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan,
             "share_hurt": float(np.mean(d > 0)),
             "high_beats_low": np.nan,
+            "action_changed": np.nan,
+            "action_changed_ci95": np.nan,
         }
+        row["drop_ci95"] = 1.96 * row["drop_se"]
+        if changed is not None:
+            share = float(np.mean(np.asarray(changed)[sel]))
+            row["action_changed"] = share
+            row["action_changed_ci95"] = 1.96 * np.sqrt(share * (1 - share) / n)
         if mode == "high_influence":
             row["high_beats_low"] = _high_beats_low(pairs)
         rows.append(row)

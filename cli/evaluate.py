@@ -95,6 +95,15 @@ def evaluate(
             "store with unreadable chunks (default: refuse); every title says how many.",
         ),
     ] = False,
+    long: Annotated[
+        Path | None,
+        typer.Option(
+            "--long",
+            help='Write the long-format figures (DESIGN.md "Results as data": Patient-0, FPR, '
+            "AUC, delay median/p90 with 95 % intervals, per instrument, all and impactful "
+            "episodes) as CSV here, and a readable view next to it (.md).",
+        ),
+    ] = None,
 ) -> None:
     from rich.console import Console
 
@@ -105,6 +114,10 @@ def evaluate(
 
     console = Console()
     diag_dirs = [diagnosis_dir(d) for d in diag_dirs]
+    if any(_replay_referenced(d) for d in diag_dirs):
+        with one_line_errors():
+            _evaluate_replay(console, diag_dirs, out)
+        return
     with one_line_errors():
         table = ev.evaluate(diag_dirs, allow_partial=allow_partial)
     note = partial_note(table.attrs.get("coverage", []))
@@ -127,6 +140,68 @@ def evaluate(
         header = f"**{note.lstrip('; ')}**\n\n" if note else ""
         atomic_write(markdown, (header + ev.markdown(table)).encode())
         console.print(f"Wrote {markdown}")
+    if long is not None:
+        import shlex
+
+        command = shlex.join(["forensics", "evaluate", *map(str, diag_dirs), "--long", str(long)])
+        with one_line_errors():
+            rows = ev.long_table(diag_dirs, command, current_code_version())
+        long.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(long, rows.to_csv(index=False, float_format="%.4g").encode())
+        atomic_write(long.with_suffix(".md"), ev.long_markdown(rows).encode())
+        console.print(f"Wrote {long} and {long.with_suffix('.md')}")
+
+
+def _replay_referenced(diag_dir: Path) -> bool:
+    import json
+
+    summary = diag_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("setting") == (
+        "replay-referenced"
+    )
+
+
+def _evaluate_replay(console, diag_dirs: list[Path], out: Path | None) -> None:
+    """Diagnoses of ``forensics=paper`` / ``forensics=replay`` (forensics/paper.py): the
+    paper's protocol with its scoring (oracle-gated, labelled) and ours, and our default
+    instrument against the same replays, one row per figure."""
+    import pandas as pd
+    from rich import box
+    from rich.table import Table
+
+    from forensics.paper import evaluate_replay
+    from forensics.store import write_table
+
+    if not all(_replay_referenced(d) for d in diag_dirs):
+        raise ValueError("evaluate: replay-referenced and log-only diagnoses in one table")
+    frames = []
+    for d in diag_dirs:
+        rows, counts = evaluate_replay(d)
+        frames.append(pd.DataFrame(rows).assign(diagnosis=str(d)))
+        console.print(
+            f"{d}: {counts['attacked']:,} attacked episodes, "
+            f"{counts['skipped_no_qualifying_step']:,} not in the paper's protocol (no step "
+            f"of the required D sign in t < "
+            f"{counts['search_horizon']}), {counts['clean']:,} clean"
+        )
+    table = pd.concat(frames, ignore_index=True)
+    view = Table(title="replay-referenced diagnosis (rates in %)", box=box.SIMPLE_HEAD)
+    for c in ("setting", "instrument", "subset", "metric", "value", "ci95", "episodes"):
+        right = c in ("value", "ci95", "episodes")
+        view.add_column(c, justify="right" if right else "left", no_wrap=True)
+    for _, r in table.iterrows():
+        view.add_row(
+            r["setting"], r["instrument"], r["subset"], r["metric"], f"{r['value']:g}",
+            str(r["ci95"]), f"{r['episodes']:,}",
+        )  # fmt: skip
+    console.print(view)
+    console.print(
+        "patient0_paper_scored: the paper's scoring, oracle-gated (Stage 2 only on episodes the "
+        "ground truth marks wrong; denominator: episodes with a detection); patient0: ours, "
+        "strict. Replay-referenced rows need a simulator that replays each seed."
+    )
+    if out is not None:
+        console.print(f"Wrote {write_table(table, out)}")
 
 
 def partial_note(coverage: list[dict]) -> str:

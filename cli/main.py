@@ -17,6 +17,7 @@ SUBCOMMANDS = (
     "train",
     "evaluate_policy",
     "fit_probe",
+    "fit_models",
     "rollout",
     "diagnose",
     "evaluate",

@@ -343,8 +343,34 @@ def team_returns(store: st.EpisodeStore) -> pd.DataFrame:
     return gt.sort_values(["seed", "episode_id"], ignore_index=True)
 
 
+def victim_changed(store: st.EpisodeStore) -> pd.Series:
+    """Per attacked episode id: did the victim's executed action differ from its policy's
+    greedy choice inside the window (``agents.rollout.action_changed``; window = the played
+    steps start ≤ t < start + window). Streams the action columns only."""
+    gt = store.ground_truth().set_index("episode_id")
+    ids, flags = [], []
+    for b in store.iter_batches(["episode_id", "actions", "clean_actions", "valid"], 4096):
+        rows = gt.loc[b["episode_id"]]
+        keep = ~rows["clean"].to_numpy()
+        if not keep.any():
+            continue
+        start = rows["start"].to_numpy()[keep, None]
+        t = np.arange(b["valid"].shape[1])[None]
+        active = (t >= start) & (t < start + rows["window"].to_numpy()[keep, None])
+        active &= b["valid"][keep]
+        victim = rows["victim"].to_numpy()[keep]
+        pick = lambda x, keep=keep: x[keep]
+        changed = R.action_changed(pick(b["actions"]), pick(b["clean_actions"]), victim, active)
+        ids.append(b["episode_id"][keep])
+        flags.append(changed)
+    if not ids:
+        return pd.Series([], dtype=bool)
+    return pd.Series(np.concatenate(flags), index=np.concatenate(ids))
+
+
 def efficacy(store: st.EpisodeStore, attack: Attack) -> pd.DataFrame:
-    """``agents.rollout.efficacy_table`` over the whole store (empty for clean-only stores)."""
+    """``agents.rollout.efficacy_table`` over the whole store (empty for clean-only stores),
+    with the share of episodes whose victim's executed action changed in the window."""
     gt = team_returns(store)
     clean, hit = gt[gt["clean"]], gt[~gt["clean"]]
     s = len(clean)
@@ -357,6 +383,7 @@ def efficacy(store: st.EpisodeStore, attack: Attack) -> pd.DataFrame:
         )
     cls = {INFLUENCE[mode]: c for c, mode in enumerate(START_MODES)}
     grid = lambda col: hit[col].to_numpy().reshape(s, m)
+    changed = victim_changed(store).reindex(hit["episode_id"]).to_numpy() if m else None
     return R.efficacy_table(
         attack,
         clean["team_return"].to_numpy(),
@@ -364,6 +391,7 @@ def efficacy(store: st.EpisodeStore, attack: Attack) -> pd.DataFrame:
         hit["influence"].map(cls).to_numpy().reshape(s, m),
         grid("victim"),
         grid("observed"),
+        None if changed is None else changed.astype(bool).reshape(s, m),
     )
 
 

@@ -138,6 +138,7 @@ def _report(console, out, attack, done, per_seed, wall, store, table, written) -
         "drop": "drop",
         "drop_se": "± se",
         "share_hurt": "hurt",
+        "action_changed": "changed",
         "high_beats_low": "high>low",
     }
     for header in columns.values():
@@ -147,8 +148,10 @@ def _report(console, out, attack, done, per_seed, wall, store, table, written) -
     console.print(view)
     console.print(
         "drop = clean − attacked team return of the same seed; hurt = share of episodes "
-        "with drop > 0; high>low = share of (seed, pair) where the high-influence onset "
-        "dropped the return more than the low-influence one"
+        "with drop > 0; changed = share of episodes in which the victim's executed action "
+        "differed from its policy's greedy choice inside the window; high>low = share of "
+        "(seed, pair) where the high-influence onset dropped the return more than the "
+        "low-influence one"
     )
     console.print(f"Wrote {written}")
 
@@ -162,7 +165,8 @@ def _cell(key: str, value) -> str:
         return "—"
     if key == "episodes":
         return f"{int(value):,}"
-    return f"{value:.3f}" if key in ("share_hurt", "high_beats_low") else f"{value:.2f}"
+    shares = ("share_hurt", "action_changed", "high_beats_low")
+    return f"{value:.3f}" if key in shares else f"{value:.2f}"
 
 
 def register(app: typer.Typer) -> None:

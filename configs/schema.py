@@ -126,13 +126,13 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     env = _section(plain, "env")
     _check_values(env, "env.", ENV_RULES)
     try:  # the environment checks its own options (map names, limits, ...)
-        make_env(**env)
+        built = make_env(**env)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check_section(plain, "train", TRAIN_RULES)
     _check_values(_section(plain, "algo"), "algo.", {"name": NAME})
-    try:
-        Attack.from_config(_section(plain, "attack"))
+    try:  # the attack checks its own values, then what only the env can tell (groups, ...)
+        Attack.from_config(_section(plain, "attack")).check_env(built.spec)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return plain

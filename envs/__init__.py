@@ -6,7 +6,8 @@ import importlib
 import inspect
 from typing import Any
 
-from envs.base import EnvSpec, MultiAgentEnv
+from envs import simple_spread, smax
+from envs.base import EnvLayout, EnvSpec, MultiAgentEnv
 
 # name -> "module:class", imported on first use: the SC2 adapter pulls in the game's protocol
 # buffers, which a machine that only trains or diagnoses need not have (a GPU box, say).
@@ -19,7 +20,30 @@ ENVS: dict[str, str] = {
 JITTABLE_ENVS = ("simple_spread", "smax")
 MASKED_ENVS = ("smax", "sc2")  # envs whose legal actions change from step to step
 
-__all__ = ["ENVS", "JITTABLE_ENVS", "MASKED_ENVS", "EnvSpec", "MultiAgentEnv", "make_env"]
+__all__ = [
+    "ENVS",
+    "JITTABLE_ENVS",
+    "MASKED_ENVS",
+    "EnvLayout",
+    "EnvSpec",
+    "MultiAgentEnv",
+    "layout",
+    "make_env",
+]
+
+
+def layout(spec: EnvSpec) -> EnvLayout:
+    """The named feature groups and action facts of an env (``envs.base.EnvLayout``): the
+    one home of "which observation entries are the landmarks / the enemies / my velocity".
+
+    A function of the spec alone, so a store or a checkpoint (which record the spec) gets
+    the same groups as the live env. The real game (sc2) has SMAX's layout.
+    """
+    if spec.name == "simple_spread":
+        return simple_spread.layout(spec.num_agents, not spec.discrete)
+    if spec.name in ("smax", "sc2"):
+        return smax.layout_of(spec)
+    raise ValueError(f"env {spec.name}: no feature layout; known for simple_spread, smax, sc2")
 
 
 def make_env(name: str, num_agents: int, continuous: bool, **options: Any) -> MultiAgentEnv:

@@ -18,10 +18,12 @@ Shapes (N agents, O observation size, A action size):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 
 EnvState = Any  # an environment-specific pytree (a flax.struct dataclass)
 
@@ -39,6 +41,58 @@ class EnvSpec:
     state_dim: int
     action_low: float = 0.0
     action_high: float = 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class EnvLayout:
+    """What the observation and action vectors of an env *mean*: the named feature groups
+    faults perturb and instruments compare, and the actions a fault substitutes.
+
+    feature_groups     name → sorted int indices into the observation [O]; the groups are a
+                       **partition** of range(O) (every feature in exactly one group), so a
+                       per-group statistic accounts for the whole observation.
+    feature_subgroups  name → indices of a finer, named part of one group (e.g. SMAX's
+                       ``enemy_health`` inside ``enemies``); not a partition.
+    noop_action        the command that moves/does nothing: an int (discrete) or a float
+                       vector [A] (continuous); what a dropped command executes.
+    move_axis          int [A]: 0 for an action that is not a move, 1 for a move along x,
+                       2 along y (discrete envs; zeros for continuous ones).
+
+    A pure function of the ``EnvSpec`` (``envs.layout``), so it is the same for a live env,
+    a checkpoint and an episode store recorded from either.
+    """
+
+    feature_groups: Mapping[str, np.ndarray]
+    feature_subgroups: Mapping[str, np.ndarray]
+    noop_action: int | np.ndarray
+    move_axis: np.ndarray
+
+    def names(self) -> list[str]:
+        """Every name ``mask`` accepts: the groups, the subgroups and ``all``."""
+        return ["all", *self.feature_groups, *self.feature_subgroups]
+
+    def mask(self, names: Iterable[str], obs_dim: int) -> np.ndarray:
+        """bool [O]: the union of the named groups/subgroups (``all``: every feature).
+        ValueError naming the first unknown name."""
+        known = {**self.feature_groups, **self.feature_subgroups}
+        out = np.zeros(obs_dim, bool)
+        for name in names:
+            if name == "all":
+                out[:] = True
+            elif name in known:
+                out[known[name]] = True
+            else:
+                raise ValueError(f"unknown feature group {name!r}; expected one of {self.names()}")
+        return out
+
+
+def contiguous_groups(sizes: Iterable[tuple[str, int]]) -> dict[str, np.ndarray]:
+    """Consecutive named blocks of an observation: [(name, size), ...] → name → indices."""
+    out, lo = {}, 0
+    for name, size in sizes:
+        out[name] = np.arange(lo, lo + size)
+        lo += size
+    return out
 
 
 class MultiAgentEnv(Protocol):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from envs.base import EnvSpec
+from envs.base import EnvLayout, EnvSpec, contiguous_groups
 
 DIM_P = 2
 DIM_C = 2
@@ -70,6 +70,31 @@ def gap_closed(ret: float | jax.Array, n: int, continuous: bool) -> float | jax.
         )
     ref = REFERENCE_RETURNS[(n, continuous)]
     return (ret - ref["random"]) / (ref["scripted"] - ref["random"])
+
+
+def layout(num_agents: int, continuous: bool) -> EnvLayout:
+    """Feature groups of agent i's observation (``observations``), in order:
+
+      own_velocity  v_i (2)              own_position  p_i (2)
+      landmarks     q_l − p_i (2N)       teammates     p_j − p_i, j ≠ i (2(N−1))
+      comm          the silent agents' communication channel (2(N−1), always zero)
+
+    Actions: discrete [no_op, left, right, down, up] (no-op 0; left/right move along x,
+    down/up along y); continuous a ∈ [0, 1]^5 with the no-op a = 0 (no force).
+    """
+    n = num_agents
+    groups = contiguous_groups(
+        [
+            ("own_velocity", DIM_P),
+            ("own_position", DIM_P),
+            ("landmarks", DIM_P * n),
+            ("teammates", DIM_P * (n - 1)),
+            ("comm", DIM_C * (n - 1)),
+        ]
+    )
+    if continuous:
+        return EnvLayout(groups, {}, np.zeros(ACTION_DIM, np.float32), np.zeros(ACTION_DIM, int))
+    return EnvLayout(groups, {}, 0, np.array([0, 1, 1, 2, 2]))
 
 
 @struct.dataclass
@@ -120,6 +145,11 @@ class SimpleSpread:
         )
         # others[i] = indices j ≠ i in increasing order (mpe2's `others` list order).
         self._others = np.array([[j for j in range(n) if j != i] for i in range(n)])
+
+    @property
+    def layout(self) -> EnvLayout:
+        """Named feature groups and action facts (module-level ``layout``)."""
+        return layout(self.num_agents, self.continuous)
 
     # ------------------------------------------------------------------ state
     def state_from(

@@ -36,13 +36,74 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from envs.base import EnvSpec
+from envs.base import EnvLayout, EnvSpec, contiguous_groups
 
 # SMAX unit-type indices (``SMAX.unit_type_names``).
 MARINE, MARAUDER, STALKER, ZEALOT, ZERGLING, HYDRALISK = range(6)
 NUM_MOVE_ACTIONS = 5  # north, east, south, west, stop
 STOP_ACTION = 4
+UNIT_FEATURES = 7 + 6  # per other unit: health, dx, dy, last move (2), last target, cooldown, type
+OWN_FEATURES = 4 + 6  # health, x, y, cooldown, type bits
+# Offsets inside one other unit's block and inside the own block (JaxMARL ``_observe_features``
+# and ``_get_own_features``).
+UNIT_HEALTH, UNIT_POSITION = [0], [1, 2]
+OWN_HEALTH, OWN_POSITION = [0], [1, 2]
+
+
+def layout(num_allies: int, num_enemies: int) -> EnvLayout:
+    """Feature groups of ally i's ``unit_list`` observation (JaxMARL ``get_obs_unit_list``):
+    one 13-feature block per other unit — the n−1 other allies first (in index order,
+    skipping i), then the m enemies — then i's own 10 features.
+
+      allies   13(n−1): per ally health / type max, (x_j − x_i, y_j − y_i) / sight range,
+               last move (2), last attack target / (A−1), weapon cooldown fraction,
+               6 unit-type bits; all zero when dead or out of sight
+      enemies  13m: the same for every enemy (their last actions are hidden: zeros)
+      own      10: health fraction, (x, y) / map size, cooldown fraction, 6 type bits
+
+    Subgroups: ``ally_health``, ``ally_position``, ``enemy_health``, ``enemy_position``,
+    ``own_health``, ``own_position``. Actions: 0 north, 1 east, 2 south, 3 west (moves
+    along y, x, y, x), 4 stop (the no-op, always legal), 5 + j attack enemy j.
+    """
+    groups = contiguous_groups(
+        [
+            ("allies", UNIT_FEATURES * (num_allies - 1)),
+            ("enemies", UNIT_FEATURES * num_enemies),
+            ("own", OWN_FEATURES),
+        ]
+    )
+
+    def per_unit(group: str, offsets: list[int]) -> np.ndarray:
+        blocks = groups[group].reshape(-1, UNIT_FEATURES)
+        return blocks[:, offsets].ravel()
+
+    own = groups["own"]
+    subgroups = {
+        "ally_health": per_unit("allies", UNIT_HEALTH),
+        "ally_position": per_unit("allies", UNIT_POSITION),
+        "enemy_health": per_unit("enemies", UNIT_HEALTH),
+        "enemy_position": per_unit("enemies", UNIT_POSITION),
+        "own_health": own[OWN_HEALTH],
+        "own_position": own[OWN_POSITION],
+    }
+    move_axis = np.zeros(NUM_MOVE_ACTIONS + num_enemies, int)
+    move_axis[:4] = [2, 1, 2, 1]
+    return EnvLayout(groups, subgroups, STOP_ACTION, move_axis)
+
+
+def layout_of(spec: EnvSpec) -> EnvLayout:
+    """``layout`` from an ``EnvSpec`` of SMAX's layout (SMAX itself or the real game):
+    O = 13 (n + m − 1) + 10 gives the number of enemies m."""
+    units, rest = divmod(spec.obs_dim - OWN_FEATURES, UNIT_FEATURES)
+    enemies = units + 1 - spec.num_agents
+    if rest or enemies < 1 or spec.action_dim != NUM_MOVE_ACTIONS + enemies:
+        raise ValueError(
+            f"env {spec.name}: obs_dim {spec.obs_dim} / action_dim {spec.action_dim} "
+            "is not SMAX's unit_list layout"
+        )
+    return layout(spec.num_agents, enemies)
 
 
 @dataclass(frozen=True)
@@ -116,7 +177,7 @@ class Smax:
         self.max_steps = max_steps
         action_dim = NUM_MOVE_ACTIONS + self.num_enemies
         n_units = num_agents + self.num_enemies
-        unit_features, own_features = 7 + 6, 4 + 6
+        unit_features, own_features = UNIT_FEATURES, OWN_FEATURES
         self.spec = EnvSpec(
             name="smax",
             num_agents=num_agents,
@@ -126,6 +187,11 @@ class Smax:
             episode_length=max_steps,
             state_dim=(own_features + 2) * n_units,
         )
+
+    @property
+    def layout(self) -> EnvLayout:
+        """Named feature groups and action facts (module-level ``layout``)."""
+        return layout(self.num_agents, self.num_enemies)
 
     @cached_property
     def game(self) -> Any:

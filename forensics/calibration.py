@@ -182,8 +182,13 @@ def budget_calibration(
     two_sided: bool = True,
     method: str = "joint",
     valid: jax.Array | None = None,
+    norm: Normaliser | None = None,
 ) -> Calibration:
-    """Per-agent thresholds with an episode-level false-alarm budget α (see module doc)."""
+    """Per-agent thresholds with an episode-level false-alarm budget α (see module doc).
+
+    ``norm``: a fixed normaliser (e.g. ``identity_normaliser`` for a statistic that is
+    already a residual against its own reference); then no μ, σ are fitted and every clean
+    episode sets the threshold."""
     _check_stat(clean, "clean calibration scores")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"forensics.calibration.alpha: expected in (0, 1), got {alpha}")
@@ -193,16 +198,17 @@ def budget_calibration(
         )
     valid = _valid_or_all(clean, valid)
     e_c, _, n_agents = clean.shape
-    n_fit = int(round(fit_fraction * e_c))
+    n_fit = int(round(fit_fraction * e_c)) if norm is None else 0
     n_thr = e_c - n_fit
     level = alpha / n_agents if method == "bonferroni" else alpha
     need = math.ceil(1.0 / level) - 1  # smallest n with (0 + 1)/(n + 1) ≤ level
-    if n_fit < 2 or n_thr < need:
+    if (norm is None and n_fit < 2) or n_thr < need:
         raise ValueError(
             f"clean calibration set: {e_c} episodes split {n_fit}/{n_thr}; need ≥ 2 "
             f"to fit μ, σ and ≥ {need} to set a {method} threshold at α = {alpha}"
         )
-    norm = fit_normaliser(clean[:n_fit], valid[:n_fit], two_sided=two_sided)
+    if norm is None:
+        norm = fit_normaliser(clean[:n_fit], valid[:n_fit], two_sided=two_sided)
     v = valid[n_fit:]
     z = normalise(clean[n_fit:], norm, v)
     m = debounced_max(z, v, debounce)  # [n, N]
@@ -214,6 +220,17 @@ def budget_calibration(
     return Calibration(
         norm, threshold, watch, kind="budget", debounce=debounce, alpha=alpha, calib_fpr=fpr
     )
+
+
+def identity_normaliser(num_steps: int, num_agents: int, two_sided: bool = False) -> Normaliser:
+    """z = x (μ = 0, σ = 1, no clip): for a statistic already referenced per (seed, step, agent),
+    e.g. a residual against the same seed's clean replays, where a per-step σ fitted on a
+    few clean episodes of other seeds would only re-inject their heavy tails."""
+    shape = (num_steps, num_agents)
+    return Normaliser(
+        jnp.zeros(shape), jnp.ones(shape), jnp.full(shape, -jnp.inf),
+        jnp.full((num_steps,), jnp.iinfo(jnp.int32).max, jnp.int32), two_sided,
+    )  # fmt: skip
 
 
 def false_alarm_rate(

@@ -66,6 +66,7 @@ from forensics.calibration import (
     paper_calibration,
     standardise,
 )
+from forensics.logonly.pipeline import add_verdicts
 from forensics.stage1 import (
     Onsets,
     Stage1Config,
@@ -936,9 +937,12 @@ def diagnose(
     config: Mapping[str, Any],
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     allow_partial: bool = False,
+    models: str | Path | None = None,
 ) -> dict[str, Any]:
     """Diagnose every episode of ``store_path``; write verdicts, scores, graphs and a summary
-    to ``out_dir``; returns the summary. ``config`` is the ``forensics`` config section.
+    to ``out_dir``; returns the summary. ``config`` is the ``forensics`` config section;
+    ``models`` a ``forensics fit-models`` directory for the log-only instruments
+    (``forensics.logonly``), whose fused verdict is then the ``verdict`` column.
     ``allow_partial``: diagnose the readable chunks of a damaged store (see ``open_inputs``)."""
     t_start = time.perf_counter()
     cfg = DiagnoseConfig.from_mapping(config)
@@ -981,6 +985,11 @@ def diagnose(
     decisions = {name: split(host, name) for name in CALIBRATIONS}
     baselines = {name: split(host, name) for name in BASELINES}
     verdicts = verdict_rows(host["episode_id"], host["seed"], host["ok"], decisions, baselines)
+    if models is not None and cfg.observations != "obs_perceived":
+        raise StoreError("--models: the log-only instruments read obs_perceived only")
+    logonly = add_verdicts(
+        verdicts, inputs, models, clean, scored_seeds, cfg.batch_episodes, cfg.alpha, log
+    )
     skipped = int((~host["ok"]).sum())
     if skipped:
         log(
@@ -1023,6 +1032,7 @@ def diagnose(
             for name in (*CALIBRATIONS, *BASELINES)
         },
         "edge_threshold": edge_thr.tolist(),
+        "logonly": logonly,
         "episodes_scored": int(len(verdicts)),
         # what the verdicts cover: all the store lists, or (--allow-partial) fewer
         "coverage": {

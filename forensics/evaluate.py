@@ -495,3 +495,253 @@ def markdown(table: pd.DataFrame, columns: Iterable[str] | None = None) -> str:
         "ground truth marks as Stage-1 failures, and is not achievable without the answer."
     )
     return "\n".join([*lines, "", note, "", *legend]) + "\n"
+
+
+# --------------------------------------------------------------------------- long format
+# DESIGN.md "Results as data": one row per figure. Every instrument's verdict is judged the same
+# way: a candidate (−1 = "no failure found"), its detection step and an episode score (the ROC
+# statistic: alarm iff above the instrument's calibrated operating point).
+
+LONG_COLUMNS = (
+    "env", "algo", "n_agents", "fault", "setting", "instrument", "subset", "metric", "value",
+    "ci95", "episodes", "command", "commit",
+)  # fmt: skip
+TEAMMATE_LABEL = "teammate (Kazari et al.)"
+TODAY_LABEL = "stage1+stage2 (old default)"
+
+
+def wilson_half_width(k: int, n: int, z: float = 1.96) -> float:
+    """Half-width of the Wilson 95 % interval of a proportion k/n (sane at 0 % and 100 %,
+    where the normal approximation claims a zero-width interval)."""
+    if n == 0:
+        return np.nan
+    p = k / n
+    denom = 1 + z**2 / n
+    return float(z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom)
+
+
+def roc_auc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """AUC = P(score_pos > score_neg) + ½ P(=) (Mann–Whitney) and its 95 % half-width from the
+    Hanley–McNeil variance."""
+    if len(pos) == 0 or len(neg) == 0:
+        return np.nan, np.nan
+    both = np.concatenate([pos, neg])
+    ranks = pd.Series(both).rank(method="average").to_numpy()
+    n1, n0 = len(pos), len(neg)
+    auc = (ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0)
+    return float(auc), float(1.96 * np.sqrt(max(var, 0.0)))
+
+
+def bootstrap_quantile(x: np.ndarray, q: float, reps: int = 1000, seed: int = 0):
+    """(the q-quantile of x, the half-width of its 95 % percentile-bootstrap interval)."""
+    if len(x) == 0:
+        return np.nan, np.nan
+    rng = np.random.default_rng(seed)
+    boot = np.quantile(rng.choice(x, (reps, len(x))), q, axis=1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return float(np.quantile(x, q)), float((hi - lo) / 2)
+
+
+def instrument_columns(diag: Diagnosis) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Instrument → (candidate, t_det, episode score) per verdict row, for every instrument the
+    diagnosis holds: the default verdict, each log-only instrument, the teammate peer, the old
+    default (Stage 1 + deployable Stage 2, scored by its max z) and Stage 1 alone."""
+    v, s = diag.verdicts, diag.scores
+    row = _row_of(s["episode_id"])
+    idx = np.asarray([row[int(i)] for i in v["episode_id"]])
+    z_max = s["z_budget"][idx].max(axis=(1, 2))
+    out = {
+        TODAY_LABEL: (v["budget_deployable"].to_numpy(), v["budget_t_det"].to_numpy(), z_max),
+        "stage1": (v["budget_candidate"].to_numpy(), v["budget_t_det"].to_numpy(), z_max),
+    }
+    lo = diag.summary.get("logonly") or {}
+    for group in lo.get("groups", {}):
+        label = "verdict" if group == "verdict" else group
+        label = TEAMMATE_LABEL if group == "teammate" else label
+        out[label] = tuple(v[f"lo_{group}_{k}"].to_numpy() for k in ("candidate", "t_det", "score"))
+    if "verdict" not in out:  # no log-only verdict: the default decision is the old one
+        out["verdict"] = out[TODAY_LABEL]
+    return dict(sorted(out.items(), key=lambda kv: kv[0] != "verdict"))
+
+
+def impactful(store: EpisodeStore, gt: pd.DataFrame, ids: np.ndarray) -> np.ndarray:
+    """The victim's action changed inside the window and the team return fell below the paired
+    clean episode's (DESIGN.md "Results as data"); False without a clean partner."""
+    g = gt.set_index("episode_id").loc[ids]
+    cf = counterfactuals(store, ids, gt)
+    victim, start = g["victim"].to_numpy(), g["start"].to_numpy()
+    end = start + g["window"].to_numpy()
+    first = cf.div_action[np.arange(len(ids)), np.maximum(victim, 0)]
+    changed = (first >= start) & (first < end)
+    hurt = np.nansum(cf.team_attacked, 1) < np.nansum(cf.team_clean, 1)
+    return (~g["clean"].to_numpy(bool)) & (cf.partner >= 0) & changed & hurt
+
+
+def fault_label(store: EpisodeStore, attack: str) -> str:
+    """The attack config name, plus every setting the store was recorded with that differs
+    from that config's defaults (configs/attack/<name>.yaml), e.g. ``obs_bias(offset=0.05)``:
+    a variant of a fault gets rows of its own."""
+    import yaml
+
+    import configs
+
+    default_file = Path(configs.__file__).parent / "attack" / f"{attack}.yaml"
+    recorded = store.meta.config.get("attack", {})
+    if not default_file.is_file() or recorded.get("name") != attack:
+        return attack
+    default = yaml.safe_load(default_file.read_text()) or {}
+    diff = [f"{k}={recorded[k]}" for k in sorted(recorded) if recorded[k] != default.get(k)]
+    label = f"{attack}({', '.join(diff)})" if diff else attack
+    return label.replace("'", "")
+
+
+def long_rows(diag: Diagnosis, command: str, commit: str) -> list[dict[str, Any]]:
+    """The long-format figures of one diagnosis: per fault × instrument × subset, Patient-0
+    accuracy (strict: names the victim at or after the onset), clean FPR, ROC AUC (attacked of
+    the subset vs the store's clean episodes, on the episode score), delay median and p90 (over
+    the episodes detected at or after the onset), each with its 95 % half-width; chance rows."""
+    store = _store_of(diag)
+    gt = store.ground_truth()
+    ids = diag.verdicts["episode_id"].to_numpy()
+    g = gt.set_index("episode_id").loc[ids]
+    clean = g["clean"].to_numpy(bool)
+    victim, start = g["victim"].to_numpy(), g["start"].to_numpy()
+    hit = impactful(store, gt, ids)
+    env = diag.summary["env"]
+    name = env["name"] if not env.get("map_name") else f"{env['name']}_{env['map_name']}"
+    n = int(diag.summary["env"]["num_agents"])
+    attacks = sorted(set(g["attack"][~clean])) or ["none"]
+    base = {"env": name, "algo": diag.summary["algo"], "n_agents": n, "setting": "log-only",
+            "command": command, "commit": commit}  # fmt: skip
+    rows = []
+
+    def add(fault, inst, subset, metric, value, ci, episodes):
+        label = fault_label(store, fault) if fault != "none" else fault
+        keys = {"fault": label, "instrument": inst, "subset": subset, "metric": metric}
+        rows.append({**base, **keys, "value": value, "ci95": ci, "episodes": int(episodes)})
+
+    for inst, (cand, t_det, score) in instrument_columns(diag).items():
+        alarm = cand >= 0
+        k0, n0 = int(alarm[clean].sum()), int(clean.sum())
+        for attack in attacks:
+            add(attack, inst, "all", "fpr", 100 * k0 / max(n0, 1),
+                100 * wilson_half_width(k0, n0), n0)  # fmt: skip
+            if attack == "none":
+                continue
+            for subset, sel in (("all", ~clean), ("impactful", hit)):
+                sel = sel & (g["attack"].to_numpy() == attack)
+                m = int(sel.sum())
+                ok = sel & alarm & (t_det >= start) & (cand == victim)
+                k = int(ok.sum())
+                add(attack, inst, subset, "patient0", 100 * k / max(m, 1),
+                    100 * wilson_half_width(k, m), m)  # fmt: skip
+                auc, ci = roc_auc(score[sel], score[clean])
+                add(attack, inst, subset, "auc", 100 * auc, 100 * ci, m)
+                det = sel & alarm & (t_det >= start)
+                delays = (t_det - start)[det].astype(float)
+                for metric, q in (("delay_median", 0.5), ("delay_p90", 0.9)):
+                    value, ci = bootstrap_quantile(delays, q)
+                    add(attack, inst, subset, metric, value, ci, len(delays))
+    for attack in attacks:
+        if attack != "none":
+            for subset, sel in (("all", ~clean), ("impactful", hit)):
+                m = int((sel & (g["attack"].to_numpy() == attack)).sum())
+                add(attack, "chance", subset, "patient0", 100 / n, 0.0, m)
+                add(attack, "chance", subset, "auc", 50.0, 0.0, m)
+    if "lo_fault_class" in diag.verdicts:
+        right = (diag.verdicts["lo_verdict_candidate"].to_numpy() == victim) & (
+            diag.verdicts["lo_verdict_t_det"].to_numpy() >= start
+        )
+        for attack in attacks:
+            if attack != "none":
+                for row in fault_class_rows(store, diag.verdicts, attack, right, hit, clean, g):
+                    add(attack, "verdict", *row)
+    return rows
+
+
+def fault_class_rows(store, verdicts, attack, right, hit, clean, g) -> list[tuple]:
+    """(subset, metric, value, ci95, episodes) of the fault-class call on the episodes whose
+    Patient-0 was found (so the class describes the faulty agent): ``fault_class_accuracy``
+    (sensor faults → "sensor"; actuator and parameter faults → "action": the log cannot tell
+    those two apart, ``forensics.logonly.fault_class``), the confusion shares
+    ``called_sensor`` / ``called_action``, and for a sensor fault on named feature groups
+    ``feature_group_accuracy`` (the most inconsistent reading against its clean level, the
+    top of ``lo_reading_ratio``, is one of them)."""
+    from agents.attacks import FAULT_CLASS
+
+    truth = "sensor" if FAULT_CLASS.get(attack) == "sensor" else "action"
+    called = verdicts["lo_fault_class"].to_numpy().astype(str)
+    top = verdicts["lo_top_reading"].to_numpy().astype(str)
+    features = store.meta.config.get("attack", {}).get("features", "all")
+    out = []
+    for subset, sel in (("all", ~clean), ("impactful", hit)):
+        sel = sel & right & (g["attack"].to_numpy() == attack)
+        m = int(sel.sum())
+        for metric, ok in (
+            ("fault_class_accuracy", called == truth),
+            ("called_sensor", called == "sensor"),
+            ("called_action", called == "action"),
+        ):
+            k = int((sel & ok).sum())
+            out.append((subset, metric, 100 * k / max(m, 1), 100 * wilson_half_width(k, m), m))
+        if truth == "sensor" and features != "all":
+            k = int((sel & np.isin(top, list(features))).sum())
+            out.append((subset, "feature_group_accuracy", 100 * k / max(m, 1),
+                        100 * wilson_half_width(k, m), m))  # fmt: skip
+    return out
+
+
+def long_table(diag_dirs: Sequence[str | Path], command: str, commit: str) -> pd.DataFrame:
+    """``long_rows`` of every diagnosis, columns ``LONG_COLUMNS``."""
+    rows = [r for d in diag_dirs for r in long_rows(load_diagnosis(d), command, commit)]
+    return pd.DataFrame(rows, columns=list(LONG_COLUMNS))
+
+
+def long_markdown(table: pd.DataFrame) -> str:
+    """A readable view of the long table: per fault and instrument one line, impactful and all
+    side by side (value ± 95 %)."""
+    fmt = lambda v, c, d=1: "—" if pd.isna(v) else f"{v:.{d}f} ± {c:.{d}f}"
+    keys = table[["env", "algo", "n_agents", "setting"]].drop_duplicates()
+    lines = [
+        "Log-only forensics: "
+        + "; ".join(f"{r.env} N={r.n_agents} {r.algo}, {r.setting}" for r in keys.itertuples())
+        + f". Commit {table['commit'].iloc[0][:12]}."
+        if len(table)
+        else "",
+        "",
+        "Rates and AUC in %, each ± its 95 % half-width (Wilson for rates, Hanley–McNeil for AUC, "
+        "percentile bootstrap for the delays). P0 = strict Patient-0 accuracy (the verdict "
+        "names the victim at or after the onset); impactful = the victim's action changed "
+        "inside the window and the team return fell below the paired clean episode's; FPR = "
+        "share of the store's clean episodes with any alarm; AUC = attacked vs clean on the "
+        "episode score; delays in steps over the episodes detected at or after the onset, "
+        "impactful ones. `verdict` = the fused log-only decision (diagnose's default).",
+        "",
+        "| fault | instrument | P0 impactful (n) | P0 all (n) | FPR clean | AUC impactful | "
+        "AUC all | delay median | delay p90 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    t = table.set_index(["fault", "instrument", "subset", "metric"])
+
+    def cell(key: tuple, digits: int = 1, count: bool = False) -> str:
+        if key not in t.index:
+            return "—"
+        r = t.loc[key]
+        text = fmt(r["value"], r["ci95"], digits)
+        return f"{text} ({int(r['episodes'])})" if count else text
+
+    for (fault, inst), _ in table.groupby(["fault", "instrument"], sort=False):
+        k = lambda sub, met, f=fault, i=inst: (f, i, sub, met)
+        cells = [
+            cell(k("impactful", "patient0"), count=True),
+            cell(k("all", "patient0"), count=True),
+            cell(k("all", "fpr")),
+            cell(k("impactful", "auc")),
+            cell(k("all", "auc")),
+            cell(k("impactful", "delay_median")),
+            cell(k("impactful", "delay_p90")),
+        ]
+        lines.append(f"| {fault} | {inst} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -82,9 +82,12 @@ def append_rows(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a results CSV; ``ValueError`` naming the file for a wrong header."""
+    """The rows of a results CSV, every column present (``device`` may be absent from the
+    file: DESIGN.md's thirteen columns are a valid fragment); ``ValueError`` naming the file
+    for any other header."""
     with Path(path).open(newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise ValueError(f"{path}: header {reader.fieldnames} is not {list(COLUMNS)}")
-        return list(reader)
+        header = tuple(reader.fieldnames or ())
+        if header not in (COLUMNS, COLUMNS[:-1]):
+            raise ValueError(f"{path}: header {list(header)} is not {list(COLUMNS)}")
+        return [{**OPTIONAL, **row} if len(header) < len(COLUMNS) else row for row in reader]

@@ -26,8 +26,9 @@ Probes (``Stage1Config.probe``):
 * ``"paper"`` — the paper's code: g = ∇_o log π_i(a* | o) (= −∇_o J), a* the greedy action,
   η = ε · sign(g) / max(‖g‖₂, 1e-6), ε = 0.01; raw statistic |L(η)| (not divided by ε², so it
   is comparable with the paper's numbers). Note ‖η‖ = ε·√(#nonzero g)/‖g‖, not ε. The paper's
-  code re-takes the argmax at o + η; we hold τ fixed as the method defines (they differ only
-  when the probe flips the greedy action).
+  code re-takes the argmax at o + η: |log π(a'|o+η) − log π(a*|o) − gᵀη| with a' the argmax
+  at o + η (``retake_argmax``, discrete only, ``forensics=paper``); by default τ is held fixed
+  as the method defines (they differ only when the probe flips the greedy action).
 * ``"curvature"`` — mean over a fixed probe set of |L(η)| / ε²: the gradient direction
   ε·g/‖g‖ (``gradient_probe``) and/or ``num_random`` directions of norm ε, drawn once from
   ``key`` and shared by every (episode, step, agent) so that the score is a deterministic
@@ -84,6 +85,7 @@ class Stage1Config:
     power_iters: int = 8  # continuous: power-iteration steps for the worst direction
     exact_quadratic: bool = False  # curvature probe: ½|vᵀ∇²J v| instead of |L(εv)|/ε²
     target: str = "greedy"  # τ: "greedy" (the paper: argmax at o) | "taken" (the logged action)
+    retake_argmax: bool = False  # paper probe: J(o+η) at the argmax of o+η (the paper's code)
 
     def __post_init__(self) -> None:
         if self.probe not in ("paper", "curvature", "cost"):
@@ -203,13 +205,19 @@ def _agent_step_score(
     if cfg.probe == "cost":  # the expansion's order-0 term: J(o, τ) itself
         return cost(obs)
     if cfg.discrete:
-        g = -jax.grad(cost)(obs)  # ∇_o log π(a*|o)
+        j0, grad_j = jax.value_and_grad(cost)(obs)
+        g = -grad_j  # ∇_o log π(a*|o)
     else:
         g = _top_singular_direction(partial(actor_apply, params), obs, cfg.power_iters)
     g_norm = jnp.maximum(jnp.linalg.norm(g), _GRAD_FLOOR)
 
     if cfg.probe == "paper":
         eta = cfg.eps * jnp.sign(g) / g_norm
+        if cfg.retake_argmax and cfg.discrete:  # J(o+η, τ') with τ' = the argmax at o + η:
+            # −max of the log-softmax over legal actions (one forward pass at o + η)
+            logp = jax.nn.log_softmax(mask_logits(actor_apply(params, obs + eta), avail))
+            j_eta = -jnp.max(jnp.where(avail, logp, -jnp.inf))
+            return jnp.abs(j_eta - j0 + jnp.dot(g, eta))  # ∇_o J = −g
         return jnp.abs(taylor_remainders(cost, obs, eta[None]))[0]
 
     dirs = [(g / g_norm)[None]] if cfg.gradient_probe else []

@@ -7,7 +7,8 @@ jitted over batches of episodes × steps × agents) vs a naive per-step, per-age
   evidence; ``decide_all``: onsets, candidates, both tracebacks, contagion weights, for both
   calibrations and both baselines). Compilation is timed apart: ``measure`` as the first
   ``calibrate`` − a second, warm one; ``decide_all`` as the first scored batch − the mean
-  later batch. Steady state = the scored batches after the first (store reads excluded).
+  later batch. Steady state = the scored batches after the first (store reads included:
+  ``score_batches`` reads batch k + 1 while the device computes batch k).
 * naive: for each episode, step and agent a jitted single-sample call of the Stage-1
   statistic (``stage1._agent_step_score``, the function ``stage1_scores`` vmaps), and for
   each (step, critic j, agent i) one jitted single-sample call computing g = ∇_a Q_j by
@@ -17,7 +18,7 @@ jitted over batches of episodes × steps × agents) vs a naive per-step, per-age
   compilation is excluded; it runs on the first ``--naive-episodes`` episodes and is
   extrapolated per episode. Its raw statistic, G and D must equal ``measure``'s (allclose).
 
-The paper's Stage-1 probe (``forensics=paper``: |L(η)| with a gradient and a second cost
+The paper's Stage-1 probe (``forensics=paper_pooled``: |L(η)| with a gradient and a second cost
 evaluation per agent-step) is the benchmarked one; the default config (``probe=cost``) is
 timed on the jitted path as well.
 
@@ -54,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_rollout import benchmark_policy, describe  # noqa: E402
 
 CALIB_SEED0 = 10_000  # calibration seeds start here: disjoint from the scored 0..S−1
-CONFIGS = {"paper": "forensics=paper", "default": "forensics=default"}
+CONFIGS = {"paper": "forensics=paper_pooled", "default": "forensics=default"}
 
 
 # ------------------------------------------------------------------ stores
@@ -129,6 +130,43 @@ def time_jitted(
         "score_s": score_s,
         "raw": host["raw"],
     }, inputs.model
+
+
+# ------------------------------------------------------------------ log-only instruments
+def time_logonly(
+    cfg: dg.DiagnoseConfig, store: Path, calibration: Path, run: Path, models: Path
+) -> dict[str, Any]:
+    """The log-only part of diagnose (``forensics.logonly.pipeline.diagnose``: every
+    instrument, its CUSUM and every group's verdict), run twice so the second is warm."""
+    from forensics.logonly import pipeline
+
+    inputs = dg.open_inputs(store, run, calibration, cfg.stage1)
+    fields = (*pipeline.SCORED_FIELDS, "seed", *dg.mask_fields(inputs))
+    clean = dg.load_clean(inputs.calibration, tuple(dict.fromkeys(fields)))
+    seeds = np.concatenate([b["seed"] for b in inputs.store.iter_batches(["seed"], 1 << 16)])
+    runs = [pipeline.diagnose(inputs, models, clean, seeds, cfg.batch_episodes, cfg.alpha)[1]]
+    runs.append(pipeline.diagnose(inputs, models, clean, seeds, cfg.batch_episodes, cfg.alpha)[1])
+    t = runs[1]["timings"]
+    episodes = inputs.store.n_episodes
+    return {
+        "episodes": episodes,
+        "steady_episodes": episodes - min(episodes, cfg.batch_episodes),
+        "steady_s": t["steady_s"],
+        "calibrate_s": t["calibrate_s"],
+        "compile_s": runs[0]["timings"]["score_s"] - t["score_s"],
+        "instruments": [k for k, v in runs[1]["availability"].items() if v == "available"],
+    }
+
+
+def fit_models(tmp: Path, policy: checkpoint.Policy, seeds: int, chunk_seeds: int) -> Path:
+    """Record clean episodes of their own seeds and fit the log-only models on them."""
+    from forensics.logonly import models, pipeline
+
+    config = recording.rollout_config(["attack=none"], policy.config, policy.run_dir)
+    first = 2 * CALIB_SEED0
+    recording.record(tmp / "fit", policy, config, np.arange(first, first + seeds), chunk_seeds)
+    pipeline.fit_and_save(policy.run_dir, tmp / "fit", tmp / "models", models.FitConfig())
+    return tmp / "models"
 
 
 # ------------------------------------------------------------------ naive loop
@@ -245,6 +283,9 @@ def main() -> None:
     parser.add_argument("--naive-episodes", type=int, default=8, help="episodes for the loop")
     parser.add_argument("--smoke-hidden", default="64,64", help="smoke checkpoint's layers")
     parser.add_argument("--skip-default", action="store_true", help="time the paper probe only")
+    parser.add_argument(
+        "--models", type=Path, default=None, help="log-only models (default: fit when building)"
+    )
     args = parser.parse_args()
     if (args.store is None) != (args.calibration is None):
         parser.error("--store and --calibration go together (or neither: build both)")
@@ -280,6 +321,22 @@ def main() -> None:
             default_cfg = diagnose_config("default", args.batch_episodes)
             default, _ = time_jitted(default_cfg, store, calibration, run)
             report("default", default_cfg, default)
+            models = args.models
+            if models is None and args.store is None:
+                models = fit_models(tmp, policy, args.calib_seeds, args.chunk_seeds)
+            if models is not None:
+                lo = time_logonly(default_cfg, store, calibration, run, models)
+                lo_rate = lo["steady_episodes"] / lo["steady_s"]
+                both = default["steady_episodes"] / (default["steady_s"] + lo["steady_s"])
+                print(
+                    f"{'jitted log-only':>22}: {lo_rate:10.1f} episodes/s steady state "
+                    f"({', '.join(lo['instruments'])}, each with its CUSUM, every verdict); "
+                    f"calibrate {lo['calibrate_s']:.1f} s (warm), compile {lo['compile_s']:.1f} s"
+                )
+                print(
+                    f"{'default + log-only':>22}: {both:10.1f} episodes/s steady state "
+                    "(diagnose --models: every instrument)"
+                )
         naive, check = time_naive(model, paper_cfg, store, args.naive_episodes)
 
     naive_rate = naive["episodes"] / naive["seconds"]

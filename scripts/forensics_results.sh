@@ -4,7 +4,8 @@
 # records the paired worst-action protocol and the FGSM/PGD stores over SEEDS (default 0:500),
 # the other faults over EXTRA_SEEDS (default 0:200), a clean calibration store over seeds that
 # no scored store uses (100000:101000), diagnoses every store with our instrument
-# (forensics=default), with the paper's Stage-1 statistic (forensics=paper) and, for observation
+# (forensics=default), with the paper's Stage-1 statistic and a band pooled over other seeds
+# (forensics=paper_pooled, log-only: not the paper's same-seed protocol) and, for observation
 # attacks, with ours reading the environment's own observation (obs_true), and writes
 # results/NAME.md and results/NAME.parquet. Re-running resumes: finished stores are skipped.
 # ATTACKS / EXTRA_ATTACKS (environment) choose the attacks recorded over SEEDS / EXTRA_SEEDS.
@@ -25,7 +26,7 @@ record() {  # record(attack, seeds): one store, diagnosed twice
   "$BIN/forensics" diagnose "$store" --run "$RUN" -c "$STORES/clean" -o "$store/diagnosis" \
     --no-progress forensics=default
   "$BIN/forensics" diagnose "$store" --run "$RUN" -c "$STORES/clean" -o "$store/diagnosis-paper" \
-    --no-progress forensics=paper
+    --no-progress forensics=paper_pooled
   diags+=("$store/diagnosis" "$store/diagnosis-paper")
   if [[ $attack == obs_* ]]; then  # the env's own observation: needs a log apart from the sensors
     "$BIN/forensics" diagnose "$store" --run "$RUN" -c "$STORES/clean" -o "$store/diagnosis-true" \

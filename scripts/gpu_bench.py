@@ -157,7 +157,8 @@ def diagnose_model(probe: str) -> tuple[dg.Model, dg.DiagnoseConfig, Any, Any]:
     actor, critic = maddpg.build_networks(env.spec, mcfg)
     learner = maddpg.init_learner(env.spec, mcfg, jax.random.PRNGKey(0))
     params = {"actor": learner.actor_params, "critic": learner.critic_params}
-    cfg = dg.DiagnoseConfig.from_mapping(compose_config([f"forensics={probe}"])["forensics"])
+    config = compose_config([f"forensics={numerics.CONFIG_OF[probe]}"])  # paper: paper_pooled
+    cfg = dg.DiagnoseConfig.from_mapping(config["forensics"])
     s1 = dataclasses.replace(cfg.stage1, discrete=True)
     inst = dg.Instruments(actor.apply, critic.apply, True, env.spec.action_dim, s1)
     return dg.Model(inst, params, dg.PAPER_K["maddpg"]), cfg, env, (actor, critic)

@@ -42,7 +42,8 @@ if str(ROOT) not in sys.path:  # run as a script: the project's packages
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "numerics_cpu.npz"
 MEASURED = ("raw", "smooth", "q", "G", "D", "S", "X")
-PROBES = ("paper", "default")  # forensics=<name> configs whose Stage-1 probe is measured
+PROBES = ("paper", "default")  # Stage-1 probes measured, each from a forensics config:
+CONFIG_OF = {"paper": "paper_pooled", "default": "default"}  # (paper: its probe, held τ)
 EPISODES = 8  # measure case: greedy episodes (seeds 0..7)
 
 # (rtol, atol relative to max(1, max |reference|)) per output kind. ``raw`` under the
@@ -88,7 +89,9 @@ def _diagnose_config(name: str):
     from cli.hydra_entry import compose_config
     from forensics import diagnose as dg
 
-    return dg.DiagnoseConfig.from_mapping(compose_config([f"forensics={name}"])["forensics"])
+    return dg.DiagnoseConfig.from_mapping(
+        compose_config([f"forensics={CONFIG_OF[name]}"])["forensics"]
+    )
 
 
 def measure_inputs() -> dict[str, np.ndarray]:

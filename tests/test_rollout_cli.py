@@ -137,7 +137,10 @@ def test_efficacy_table_is_printed_and_saved(recorded):
     assert table["attacked_return"][0] == pytest.approx(high)
     assert table["clean_return"][0] == pytest.approx(gt[gt["clean"]]["team_return"].mean())
     assert 0 <= table["high_beats_low"][0] <= 1
+    # the worst action (argmin of the logits) is never the greedy choice: always changed
+    assert table["action_changed"].tolist() == [1.0, 1.0]
     assert "Attack efficacy, worst_action" in result.stdout and "high>low" in result.stdout
+    assert "changed" in result.stdout
     assert st.read_table_metadata(out / recording.EFFICACY_FILE)["episodes"] == 5 * PER_SEED
 
 
