@@ -160,23 +160,25 @@ def diagnose(
             run_diagnosis = pooled_diagnosis
         else:  # replay-referenced: the same seed's clean replays (forensics/paper.py)
             run_diagnosis = diagnose_replay
-        partial_kw = {"allow_partial": allow_partial} if run_diagnosis is pooled_diagnosis else {}
-        if allow_partial and not partial_kw:
-            raise ConfigError(
-                "--allow-partial: the replay-referenced diagnosis (forensics.reference) reads "
-                "whole stores; repair the store or diagnose log-only"
-            )
+        pooled = run_diagnosis is pooled_diagnosis
+        for given, flag in ((allow_partial, "--allow-partial"), (models is not None, "--models")):
+            if given and not pooled:
+                raise ConfigError(
+                    f"{flag}: the replay-referenced diagnosis (forensics.reference) reads whole "
+                    "stores and its own replays, not log-only models; drop the option or "
+                    "diagnose log-only"
+                )
         check_out_dir(out)
         run_dir = run if run is not None else recorded_run_dir(store)
-        if models is None and (run_dir / DEFAULT_MODELS / "meta.json").is_file():
+        if pooled and models is None and (run_dir / DEFAULT_MODELS / "meta.json").is_file():
             models = run_dir / DEFAULT_MODELS  # `forensics fit-models RUN`'s default output
+        extra = {"allow_partial": allow_partial, "models": models} if pooled else {}
         partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
         try:
             with status.status(f"diagnosing {store}") if progress else nullcontext():
                 summary = run_diagnosis(
                     store, run_dir, calibration, partial, config,
-                    log=lambda line: status.print(line, highlight=False), models=models,
-                    **partial_kw,
+                    log=lambda line: status.print(line, highlight=False), **extra,
                 )  # fmt: skip
             summary["command"] = invocation(ctx)
             (partial / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
