@@ -20,6 +20,8 @@ Sections, in order (each a few rows of ``forensics.results`` columns appended to
    (``measure`` + ``decide_all``: Stage 1, Stage 2, both calibrations, baselines, host copies)
    over 10k and 100k episodes, for the paper's probe and the default one. Compile times are
    cold − warm calls.
+   Then the log-only instruments and their fused verdict (``forensics.logonly``) over the
+   same episodes.
 5. training: ``train_chunk`` env-steps/s of MADDPG and HATRPO (their default configs, more
    parallel envs) on Simple Spread N=3 and N=5 at 1,024 and 8,192 environments.
 6. memory: the device's peak bytes in use.
@@ -290,6 +292,36 @@ def measure_alone(b: Bench, sizes: Sizes, probe: str, chunks, model: dg.Model, c
     )
 
 
+def logonly_section(b: Bench, sizes: Sizes, chunks, model: dg.Model, env) -> None:
+    """The log-only instruments (``forensics.logonly``: cross-agent and own-dynamics ridge
+    models, the decision gap, their CUSUMs, the fused verdict) over the largest size. A
+    benchmark of speed only: the models are fitted and the thresholds calibrated on the same
+    clean chunks (a diagnosis keeps them apart)."""
+    from forensics.logonly import instruments as I
+    from forensics.logonly import models as M
+    from forensics.logonly import verdict as V
+
+    st = I.Statics(model.instruments.actor_apply, True, env.spec.action_dim, I.FUSED)
+    actor = model.params["actor"]
+    tail = chunks[len(chunks) - sizes.calib // sizes.chunk :]
+    clean = {k: np.concatenate([c[k] for c in tail]) for k in M.FIT_FIELDS}
+    (models, _), fit_s = timed(lambda: M.fit_models(clean, st, actor, M.FitConfig()))
+    cal = V.calibrate(st, actor, models, iter(tail), sizes.chunk, alpha=0.05)
+    scored = chunks[: max(sizes.totals) // sizes.chunk]
+    _, timings = V.score(st, actor, models, cal, iter(scored), sizes.chunk)
+    later = timings["batches"] - 1
+    rate = later * sizes.chunk / timings["steady_s"] if later else float("nan")
+    b.rows(
+        "logonly:verdict",
+        {
+            "episodes_per_s": rate,
+            "fit_s": fit_s,
+            "compile_s": timings["first_batch_s"] - timings["steady_s"] / max(later, 1),
+        },
+        episodes=len(scored) * sizes.chunk,
+    )
+
+
 # ------------------------------------------------------------------ 5. training
 def train_section(b: Bench, sizes: Sizes) -> None:
     for n in sizes.agents:
@@ -358,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         for probe in ("paper", "default"):
             model, cfg, *_ = diagnose_model(probe)
             diagnose_section(b, sizes, probe, chunks, model, cfg)
+        if b.left() > 60:
+            logonly_section(b, sizes, chunks, model, env)
     if "train" in sections:
         train_section(b, sizes)
     if "memory" in sections:

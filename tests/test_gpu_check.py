@@ -28,6 +28,7 @@ def test_gpu_check_dry_run_writes_a_row_for_every_section(tmp_path):
         ("critic_geometry", "hvp_per_s"),
         ("diagnose:paper", "episodes_per_s"),
         ("diagnose:default", "compile_measure_s"),
+        ("logonly:verdict", "episodes_per_s"),
         ("train", "env_steps_per_s"),
     ]:
         assert expected in got, (expected, sorted(got))
