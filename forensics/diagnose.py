@@ -92,7 +92,10 @@ from forensics.store import (
     StoreError,
     checkpoint_identity,
     current_code_version,
+    load_clean,
     open_store,
+    pad_batch,
+    split_batches,
     write_table,
 )
 
@@ -636,32 +639,6 @@ def check_disjoint(scored_seeds: np.ndarray, calib_seeds: np.ndarray, where: Pat
         )
 
 
-def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Repeat the last episode until the batch holds ``size`` (fixed shapes: one compile)."""
-    n = len(batch["episode_id"])
-    if n == size:  # a full batch: no copy
-        return dict(batch)
-    return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
-
-
-def _batches(arrays: Mapping[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
-    n = len(arrays["episode_id"])
-    for lo in range(0, n, size):
-        yield {k: v[lo : lo + size] for k, v in arrays.items()}
-
-
-def load_clean(cal: EpisodeStore, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The clean episodes of the calibration store (its ``clean`` column selects them)."""
-    parts = []
-    for b in cal.iter_batches((*fields, "clean"), 1024):
-        keep = b.pop("clean")
-        parts.append({k: v[keep] for k, v in b.items()})
-    out = {k: np.concatenate([p[k] for p in parts]) for k in fields}
-    if len(out["episode_id"]) == 0:
-        raise StoreError(f"calibration store {cal.path}: holds no clean episodes")
-    return out
-
-
 # --------------------------------------------------------------------------- run
 
 
@@ -672,7 +649,7 @@ def _measure_batch(
     episodes removed, and the number of real episodes. With several devices the episodes are
     split across them and the networks replicated (``agents.sharding``)."""
     n = len(batch["episode_id"])
-    b = _pad(batch, cfg.batch_episodes)
+    b = pad_batch(batch, cfg.batch_episodes)
     mesh = batch_mesh(cfg.batch_episodes)
     obs, actions, rewards, valid, avail = shard_batch(
         (b[cfg.observations], b["actions"], b["rewards"], b["valid"], b.get("avail")), mesh
@@ -701,7 +678,7 @@ def calibrate(
         k: [] for k in ("smooth", "reward", "actdev", "evidence", "valid")
     }
     dropped = 0
-    for batch in _batches(clean, cfg.batch_episodes):
+    for batch in split_batches(clean, cfg.batch_episodes):
         m, valid, n = _measure_batch(model, cfg, key, batch)
         keep = np.asarray(m.finite[:n])
         dropped += int((~keep).sum())

@@ -1057,6 +1057,35 @@ class EpisodeStore:
         return problems
 
 
+def load_clean(cal: EpisodeStore, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The clean episodes of the calibration store (its ``clean`` column selects them)."""
+    parts = []
+    for b in cal.iter_batches((*fields, "clean"), 1024):
+        keep = b.pop("clean")
+        parts.append({k: v[keep] for k, v in b.items()})
+    out = {k: np.concatenate([p[k] for p in parts]) for k in fields}
+    if len(out["episode_id"]) == 0:
+        raise StoreError(f"calibration store {cal.path}: holds no clean episodes")
+    return out
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Repeat the last episode until the batch holds ``size`` (fixed shapes: one compile per
+    jitted consumer); a full batch is returned without a copy."""
+    n = len(next(iter(batch.values())))
+    if n == size:
+        return dict(batch)
+    return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
+
+
+def split_batches(arrays: Mapping[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """In-memory arrays (episode axis 0) in consecutive batches of ``size`` episodes, the
+    last one shorter: what ``EpisodeStore.iter_batches`` yields for a store on disk."""
+    n = len(next(iter(arrays.values())))
+    for lo in range(0, n, size):
+        yield {k: v[lo : lo + size] for k, v in arrays.items()}
+
+
 def open_store(
     path: str | os.PathLike, on_corrupt: Literal["raise", "skip"] = "raise"
 ) -> EpisodeStore:

@@ -214,7 +214,7 @@ def time_naive(
 ) -> tuple[dict[str, float], str]:
     """Time ``naive_measure`` on the first ``count`` episodes and compare it with ``measure``
     on the same episodes (as the first batch of the jitted path, padded like it)."""
-    from forensics.store import open_store
+    from forensics.store import open_store, pad_batch
 
     batch = next(open_store(store).iter_batches(fields_of(cfg), cfg.batch_episodes))
     key = jax.random.PRNGKey(cfg.probe_seed)
@@ -223,7 +223,7 @@ def time_naive(
     t0 = time.perf_counter()
     raw, g, d = naive_measure(model, obs[:count], actions[:count], key)
     seconds = time.perf_counter() - t0
-    padded = dg._pad(batch, cfg.batch_episodes)
+    padded = pad_batch(batch, cfg.batch_episodes)
     m = dg.measure(
         model.instruments, model.params,
         padded[cfg.observations], padded["actions"], padded["rewards"], padded["valid"], key,

@@ -28,9 +28,7 @@ def test_side_names_the_instrument_family_that_crossed_for_patient_zero():
     x = x.at[1, 2, 2].set(100.0)  # agent 1's decision: not Patient-0's evidence
     valid = jnp.ones((3, 4), bool)
     cand, t_det = jnp.asarray([0, 0, -1]), jnp.asarray([1, 1, -1])
-    code, margin, sensor, action = FC.side(
-        x, h, inst_of, agent_of, cand, t_det, valid, kinds=(), window=2
-    )
+    code, margin, sensor, action = FC.side(x, h, inst_of, agent_of, cand, t_det, valid, window=2)
     assert [FC.CLASSES[c] for c in np.asarray(code)] == ["sensor", "action", "none"]
     np.testing.assert_allclose(np.asarray(margin)[:2], [1.0, np.log10(8.0)], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(sensor)[:2], [5.0, 0.5])

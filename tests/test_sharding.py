@@ -153,6 +153,7 @@ def check_measure(out: str) -> dict:
     from agents.attacks import Attack, Team, clean_target
     from cli.hydra_entry import compose_config
     from forensics import diagnose
+    from forensics.store import pad_batch
 
     config = compose_config(["algo=maddpg_smoke"])
     env = checkpoint.env_from_config(config)
@@ -181,7 +182,7 @@ def check_measure(out: str) -> dict:
     key = jax.random.PRNGKey(cfg.probe_seed)
 
     sharded, valid, n = diagnose._measure_batch(model, cfg, key, batch)
-    padded = diagnose._pad(batch, cfg.batch_episodes)
+    padded = pad_batch(batch, cfg.batch_episodes)
     single = diagnose.measure(
         model.instruments,
         model.params,

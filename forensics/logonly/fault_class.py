@@ -66,7 +66,7 @@ def window_max(r: jax.Array, t_det: jax.Array, valid: jax.Array, window: int) ->
     return jnp.max(jnp.where(inside, r, -jnp.inf), axis=1)
 
 
-@partial(jax.jit, static_argnames=("kinds", "window"))
+@partial(jax.jit, static_argnames=("window",))
 def side(
     x: jax.Array,
     h: jax.Array,
@@ -76,7 +76,6 @@ def side(
     t_det: jax.Array,
     valid: jax.Array,
     *,
-    kinds: tuple[int, ...],
     window: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(class code [B] into CLASSES, margin [B], sensor ratio [B], action ratio [B]).
@@ -84,7 +83,6 @@ def side(
     x [B, T, F] the verdict's statistics, h [F] their thresholds, inst_of [F] the index of each
     statistic's instrument in ``kinds`` order (0 = sensor side, 1 = action side, −1 = neither),
     agent_of [F], candidate / t_det [B] the verdict."""
-    del kinds  # static: the side of each instrument is encoded in inst_of
     ratio = x / jnp.maximum(h, 1e-6)  # [B, T, F]
     mine = agent_of[None] == candidate[:, None]  # [B, F]
     peak = window_max(ratio, t_det, valid, window)  # [B, F]

@@ -5,6 +5,7 @@ their ``clean`` column only (those stores are references, not the episodes being
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,7 +18,15 @@ from forensics.logonly import fault_class as FC
 from forensics.logonly import instruments as I
 from forensics.logonly import models as M
 from forensics.logonly import verdict as V
-from forensics.store import EpisodeStore, StoreError, checkpoint_identity, open_store
+from forensics.store import (
+    EpisodeStore,
+    StoreError,
+    checkpoint_identity,
+    load_clean,
+    open_store,
+    pad_batch,
+    split_batches,
+)
 
 SCORED_FIELDS = ("episode_id", "seed", "valid", "obs_perceived", "actions")
 
@@ -38,12 +47,6 @@ def statics(policy: Any, available: tuple[str, ...], hidden=(64, 64)) -> tuple[I
 
 def _fields(store: EpisodeStore, base: tuple[str, ...]) -> tuple[str, ...]:
     return base + (("avail",) if "avail" in store_columns(store) else ())
-
-
-def load_clean(store: EpisodeStore, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
-    from forensics.diagnose import load_clean as _load
-
-    return _load(store, fields)
 
 
 def fit_and_save(
@@ -72,18 +75,12 @@ def fit_and_save(
     clean = load_clean(store, _fields(store, M.FIT_FIELDS))
     models, report = M.fit_models(clean, st, actor, cfg)
     report["unavailable"] = {k: why for k, why in avail.items() if why is not None}
-    import dataclasses
-
     meta = M.build_meta(
         cfg, report, ident, dataclasses.asdict(spec), store, clean["seed"], available
     )
     meta["data"]["seeds"] = np.unique(clean["seed"]).tolist()
     M.save(Path(out), models, meta)
     return meta
-
-
-def _iter(store: EpisodeStore, fields, size: int):
-    return store.iter_batches(fields, size)
 
 
 def diagnose(
@@ -97,8 +94,6 @@ def diagnose(
     """The log-only verdicts of every episode of ``inputs.store`` (``forensics.diagnose``'s
     Inputs), calibrated on ``clean`` (the calibration store's clean episodes). Returns
     (columns or None when nothing can run, summary with each instrument's availability)."""
-    import dataclasses
-
     spec = inputs.policy.env.spec
     models, meta = (None, None) if models_path is None else M.load(models_path)
     if meta is not None:
@@ -129,14 +124,20 @@ def diagnose(
     keep = ("episode_id", "valid", "obs_perceived", "actions", *masks)
     t0 = time.perf_counter()
     clean_only = {k: clean[k] for k in keep}
-    cal = V.calibrate(st, actor, models, _batches(clean_only, batch), batch, alpha)
+    cal = V.calibrate(st, actor, models, split_batches(clean_only, batch), batch, alpha)
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
     explain = None
     if V.VERDICT in cal.groups and set(FC.SENSOR) & set(cal.groups[V.VERDICT]):
         explain = fault_class_explainer(st, models, cal, clean_only, batch, spec, alpha)
     out, timings = V.score(
-        st, actor, models, cal, _iter(inputs.store, SCORED_FIELDS + masks, batch), batch, explain
+        st,
+        actor,
+        models,
+        cal,
+        inputs.store.iter_batches(SCORED_FIELDS + masks, batch),
+        batch,
+        explain,
     )
     summary.update(
         {
@@ -160,7 +161,7 @@ def fault_class_explainer(st, models, cal, clean, size: int, spec, alpha: float,
     masks = jnp.asarray(masks)
 
     def groups_of(b):
-        p = V._pad(b, size)
+        p = pad_batch(b, size)  # a batch from V.score is already padded: no copy
         return FC.group_scores(
             models, p["obs_perceived"], p["actions"], p["valid"], masks,
             discrete=st.discrete, action_dim=st.action_dim,
@@ -169,7 +170,7 @@ def fault_class_explainer(st, models, cal, clean, size: int, spec, alpha: float,
     clean_max = np.concatenate(
         [
             np.asarray(jnp.max(groups_of(b), axis=(2, 3))).swapaxes(0, 1)[: len(b["valid"])]
-            for b in _batches(clean, size)
+            for b in split_batches(clean, size)
         ]
     )
     h_groups = FC.group_thresholds(clean_max, alpha)
@@ -179,7 +180,7 @@ def fault_class_explainer(st, models, cal, clean, size: int, spec, alpha: float,
     def explain(x, valid, b, n, candidate, t_det):
         code, margin, sensor, action = FC.side(
             x[..., cols], cal.h[V.VERDICT], inst_of, agent_of, candidate, t_det, valid,
-            kinds=(), window=window,
+            window=window,
         )  # fmt: skip
         ratio = np.asarray(
             FC.inconsistent_groups(groups_of(b), h_groups, candidate, t_det, valid, window=window)
@@ -197,12 +198,6 @@ def fault_class_explainer(st, models, cal, clean, size: int, spec, alpha: float,
         }
 
     return explain
-
-
-def _batches(arrays: Mapping[str, np.ndarray], size: int):
-    n = len(arrays["episode_id"])
-    for lo in range(0, n, size):
-        yield {k: v[lo : lo + size] for k, v in arrays.items()}
 
 
 def add_verdicts(

@@ -37,7 +37,7 @@ import numpy as np
 
 from forensics.calibration import _threshold_at_budget
 from forensics.logonly import instruments as I
-from forensics.store import StoreError
+from forensics.store import StoreError, pad_batch
 
 EPS = 1e-6  # floor of a threshold in the exceedance ratio (a decision gap's threshold is 0)
 VERDICT = "verdict"
@@ -98,11 +98,6 @@ def decide(x, h, agent_of, valid, *, n_agents: int):
     )
 
 
-def _pad(b: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    n = len(b["valid"])
-    return {k: np.concatenate([v, np.repeat(v[-1:], size - n, 0)]) for k, v in b.items()}
-
-
 def measure_all(
     st: I.Statics,
     actor_params: Any,
@@ -110,14 +105,14 @@ def measure_all(
     batches: Iterator[Mapping[str, np.ndarray]],
     size: int,
 ) -> Iterator[tuple[jax.Array, jax.Array, Mapping[str, np.ndarray], int]]:
-    """(X, valid, batch, n_real) per fixed-size (padded) batch: one compilation."""
+    """(X, valid, padded batch, n_real) per fixed-size batch: one compilation."""
     for b in batches:
         n = len(b["valid"])
-        p = _pad(b, size)
+        p = pad_batch(b, size)
         x = I.statistics(
             st, actor_params, models, p["obs_perceived"], p["actions"], p["valid"], p.get("avail")
         )
-        yield x, jnp.asarray(p["valid"]), b, n
+        yield x, jnp.asarray(p["valid"]), p, n
 
 
 class Calibrated:
@@ -160,14 +155,14 @@ def score(
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Every group's verdict for every episode: {"<group>_candidate"|"_t_det"|"_score"|
     "_agent_t_det": array} plus the episode ids; and the timings. ``explain(x, valid, batch,
-    n, candidate, t_det)`` (optional) adds host columns from the fused verdict's decision
-    (``fault_class``)."""
+    n, candidate, t_det)`` (optional; ``batch`` padded to ``size``) adds host columns from the
+    fused verdict's decision (``fault_class``)."""
     out: dict[str, list[np.ndarray]] = {}
     n_agents = int(cal.agent_of.max()) + 1
     timings = {"first_batch_s": 0.0, "steady_s": 0.0, "batches": 0}
     t0 = time.perf_counter()
     for x, valid, b, n in measure_all(st, actor_params, models, batches, size):
-        host = {"episode_id": b["episode_id"]}
+        host = {"episode_id": b["episode_id"][:n]}
         for g, cols in cal.columns.items():
             res = decide(x[..., cols], cal.h[g], cal.agent_of[cols], valid, n_agents=n_agents)
             for key, v in zip(("candidate", "t_det", "score", "agent_t_det"), res, strict=True):
