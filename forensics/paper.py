@@ -343,7 +343,7 @@ def diagnose_replay(
     from agents.replay_band import make_band, make_replays
     from forensics import diagnose as D
     from forensics.calibration import budget_calibration, identity_normaliser, standardise
-    from forensics.store import current_code_version, write_table
+    from forensics.store import current_code_version, pad_batch, write_table
 
     t_start = time.perf_counter()
     config = dict(config)
@@ -386,7 +386,7 @@ def diagnose_replay(
         for lo in range(0, len(data["episode_id"]), cfg.batch_episodes):
             b = {k: v[lo : lo + cfg.batch_episodes] for k, v in data.items()}
             n = len(b["episode_id"])
-            b = D._pad(b, cfg.batch_episodes)
+            b = pad_batch(b, cfg.batch_episodes)
             m = D.measure(
                 inst, params, jnp.asarray(b[obs_field]), jnp.asarray(b["actions"]),
                 jnp.asarray(b["rewards"]), jnp.asarray(b["valid"]), key,

@@ -216,10 +216,10 @@ def test_fit_models_diagnose_and_evaluate_end_to_end(run_dir, tmp_path):
     meta["checkpoint"]["sha256"] = "0" * 64
     (bad / "meta.json").write_text(json.dumps(meta))
     r = invoke("diagnose", attacked, "-c", calib, "--models", bad, "-o", tmp_path / "d2")
-    assert r.exit_code == 1 and "fitted on checkpoint" in r.stderr
+    assert r.exit_code == 4 and "fitted on checkpoint" in r.stderr  # cli.EXIT_CODES: store/data
     assert len(r.stderr.strip().splitlines()) == 1
     r = invoke("diagnose", fit, "-c", calib, "--models", models, "-o", tmp_path / "d3")
-    assert r.exit_code == 1 and "disjoint seeds" in r.stderr
+    assert r.exit_code == 4 and "disjoint seeds" in r.stderr
 
 
 @pytest.mark.slow
